@@ -1,0 +1,602 @@
+"""The run configuration: one schema of dataclasses, loaded from YAML plus dotted CLI overrides.
+
+``load_config("configs/gpt_moe_tiny.yaml", ["moe.num_experts=8", "train.iters=50"])`` merges the
+YAML file and the overrides onto the defaults with OmegaConf (unknown keys and wrong types are
+rejected there), then :func:`validate` checks values and cross-field rules. Every error is a
+:class:`ConfigError` that names the dotted key, the bad value and the accepted values, and it is
+raised before any process group exists, so a bad config never hangs a job.
+
+Each field carries its documentation as an attribute docstring; ``pretrain_gpt_moe.py
+--help-config`` prints them (see :func:`field_docs`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: names the key and the accepted values."""
+
+
+# --------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerConfig:
+    """How text becomes token ids."""
+
+    type: str = "bpe"
+    """`bpe`: a byte-level BPE trained by scripts/preprocess_data.py and saved as
+    `tokenizer.json` next to the data; `byte`: raw UTF-8 bytes (vocab 256 + specials);
+    `null`: ids are used as given (mock data)."""
+    path: Optional[str] = None
+    """Path of the `tokenizer.json` (type bpe). Default: `<data.path directory>/tokenizer.json`."""
+
+
+@dataclass
+class ModelConfig:
+    """The transformer trunk."""
+
+    type: str = "gpt"
+    """`gpt` (causal LM) or `bert` (masked LM + sentence-order head)."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Hidden size H."""
+    ffn_hidden_size: int = 128
+    """FFN hidden size of dense layers (and of experts unless moe.ffn_hidden_size is set)."""
+    num_attention_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    seq_length: int = 64
+    """Tokens per sample."""
+    max_position_embeddings: Optional[int] = None
+    """Position table size for learned positions. Default: seq_length."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size. Default: taken from the tokenizer (padded to a multiple of 128)."""
+    position_embedding_type: str = "rope"
+    """`rope` or `learned_absolute`."""
+    normalization: str = "LayerNorm"
+    """`LayerNorm` or `RMSNorm`."""
+    activation: str = "gelu"
+    """Expert and dense MLP activation: `gelu`, `silu` or `swiglu`."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+    untie_embeddings_and_output_weights: bool = False
+    """Use a separate output projection instead of the input embedding."""
+    bert_binary_head: bool = True
+    """BERT only: train the sentence-order prediction head."""
+
+
+@dataclass
+class RouterConfig:
+    """Megatron's router options (identical for both moe.impl values)."""
+
+    type: str = "topk"
+    """`topk` (Megatron's TopKRouter)."""
+    load_balancing_type: str = "aux_loss"
+    """`aux_loss`, `seq_aux_loss`, `sinkhorn` or `none`."""
+    aux_loss_coeff: float = 0.01
+    """Weight of the load-balancing loss."""
+    z_loss_coeff: Optional[float] = None
+    """Weight of the router z-loss (None: off)."""
+    score_function: str = "softmax"
+    """`softmax` or `sigmoid`."""
+    pre_softmax: bool = False
+    """Apply softmax before top-k selection."""
+    dtype: Optional[str] = "fp32"
+    """Router logits dtype: `fp32`, `fp64` or None (model dtype)."""
+
+
+@dataclass
+class ShadowConfig:
+    """FasterMoE dynamic shadow experts (replicate popular experts for one iteration)."""
+
+    policy: str = "never"
+    """`never`, `predictor` (Algorithm 1 with the performance model) or `top_k`."""
+    max_experts: int = 1
+    """With policy top_k: how many of the most loaded experts to shadow every iteration."""
+
+
+@dataclass
+class FasterMoEConfig:
+    """Options of the FasterMoE expert layer (moe.impl: fastermoe)."""
+
+    group_size: int = 1
+    """Workers per group of the grouped pairwise exchange; must divide the expert-parallel size."""
+    trace: bool = False
+    """Record send / compute / return step timings and write a Chrome trace per rank."""
+    trace_dir: Optional[str] = None
+    """Where traces go. Default: `<logging.dir>/traces`."""
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    """Shadow experts."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers."""
+
+    num_experts: int = 4
+    """Experts per MoE layer (E); must be divisible by parallel.expert."""
+    topk: int = 2
+    """Experts each token is routed to."""
+    impl: str = "megatron"
+    """`megatron`: stock MoELayer with the alltoall dispatcher; `fastermoe`: this project's layer
+    (same router, same weights layout, same math)."""
+    ffn_hidden_size: Optional[int] = None
+    """Expert FFN hidden size. Default: model.ffn_hidden_size."""
+    layer_freq: int = 1
+    """Every n-th layer is an MoE layer (1: all layers)."""
+    token_dispatcher: str = "alltoall"
+    """Dispatcher of the megatron impl: `alltoall` or `allgather`."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity factor; None means no token dropping."""
+    pad_to_capacity: bool = False
+    """Pad every expert's input to its capacity (needs capacity_factor)."""
+    drop_policy: str = "probs"
+    """Which tokens are dropped over capacity: `probs` (lowest probability) or `position`."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """Router settings."""
+    fastermoe: FasterMoEConfig = field(default_factory=FasterMoEConfig)
+    """FasterMoE layer settings."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; the data-parallel size is derived: world / (tensor * pipeline)."""
+
+    tensor: int = 1
+    """Tensor-parallel size (must be 1 on CPU with MoE)."""
+    pipeline: int = 1
+    """Pipeline-parallel size; must divide model.num_layers."""
+    expert: int = 1
+    """Expert-parallel size; must divide the data-parallel x tensor size and moe.num_experts."""
+    expert_tensor: int = 1
+    """Expert tensor-parallel size (only 1 is supported)."""
+    sequence_parallel: bool = False
+    """Sequence parallelism (needed by MoE when tensor > 1)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation."""
+
+    iters: int = 100
+    """Total training iterations (optimizer steps)."""
+    micro_batch_size: int = 4
+    """Samples per micro-batch per data-parallel rank."""
+    global_batch_size: int = 16
+    """Samples per iteration over all data-parallel ranks; multiple of micro x data-parallel."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    lr_warmup_iters: int = 10
+    """Linear warm-up iterations."""
+    lr_decay_style: str = "cosine"
+    """`cosine`, `linear` or `constant`."""
+    lr_decay_iters: Optional[int] = None
+    """Iterations of the decay. Default: train.iters."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0: off)."""
+    seed: int = 1234
+    """Random seed (weights, data order, dropout)."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (mixed precision with fp32 main weights)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with backward."""
+    eval_interval: int = 0
+    """Evaluate on the validation split every n iterations (0: only at the end if eval_iters)."""
+    eval_iters: int = 2
+    """Micro-batch rounds per evaluation."""
+    exit_after_iters: Optional[int] = None
+    """Stop (after saving a checkpoint) once this iteration is reached; for tests and slurm slices."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    path: Optional[str] = None
+    """Prefix of a Megatron indexed dataset (`<path>.bin` / `<path>.idx`), made by
+    scripts/preprocess_data.py. Required unless mock is true."""
+    mock: bool = False
+    """Use Megatron's mock (random token) dataset; for speed tests."""
+    split: str = "949,50,1"
+    """Train / validation / test split weights."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer settings."""
+    cache_dir: Optional[str] = None
+    """Where dataset index caches go. Default: next to the data."""
+    mask_prob: float = 0.15
+    """BERT only: masked-LM probability."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpointing (megatron-core dist_checkpointing)."""
+
+    save: Optional[str] = None
+    """Directory for checkpoints (None: no saving)."""
+    load: Optional[str] = None
+    """Directory to resume from. Default: checkpoint.save."""
+    interval: int = 0
+    """Save every n iterations (0: only at the end and on SIGTERM/SIGUSR1)."""
+    keep: int = 2
+    """Keep the newest n complete checkpoints (0: keep all)."""
+    resume: bool = True
+    """Resume automatically from the latest complete checkpoint in `load`."""
+    optimizer_sharding: str = "dp_reshardable"
+    """Distributed-optimizer state layout on disk: `dp_reshardable` or `fully_reshardable`."""
+    save_on_signal: bool = True
+    """Save and exit cleanly on SIGTERM / SIGUSR1 (slurm preemption)."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    enabled: bool = False
+    """Log to wandb."""
+    project: str = "megatron-moe-ext"
+    """wandb project."""
+    mode: str = "offline"
+    """`offline` (works without network) or `online`."""
+    name: Optional[str] = None
+    """Run name."""
+
+
+@dataclass
+class LoggingConfig:
+    """What the run reports."""
+
+    interval: int = 1
+    """Log every n iterations."""
+    dir: str = "runs/default"
+    """Run folder: resolved config, metrics, traces, tensorboard."""
+    metrics_file: Optional[str] = None
+    """JSON-lines metrics file. Default: `<logging.dir>/metrics.jsonl`."""
+    tensorboard: bool = False
+    """Write tensorboard events to `<logging.dir>/tensorboard`."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb settings."""
+    level: str = "INFO"
+    """Log level of rank 0 (others log warnings only)."""
+
+
+@dataclass
+class RuntimeConfig:
+    """Device and process-group runtime."""
+
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu` (with the CPU runtime for megatron-core) or `cuda`."""
+    backend: str = "auto"
+    """torch.distributed backend: `auto` (nccl on cuda, gloo on cpu), `nccl` or `gloo`."""
+    num_threads: Optional[int] = None
+    """CPU only: torch intra-op threads per process. Default: cores / local processes."""
+    timeout_minutes: int = 10
+    """Process-group timeout."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE layers."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Runtime."""
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            keys.extend(_all_keys(f.type, key + "."))
+        elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            keys.extend(_all_keys(f.default_factory, key + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    match = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- dotted overrides, validated. Raises ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    cfg = _merge(tree)
+    validate(cfg)
+    return cfg
+
+
+def _merge(tree: dict) -> Config:
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(tree))
+    except ConfigKeyError as exc:
+        key = str(exc.full_key or exc.key)
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key)}") from None
+    except ValidationError as exc:
+        key = str(exc.full_key or exc.key)
+        raise ConfigError(
+            f"config key '{key}': value {exc.value!r} has the wrong type"
+            f" ({exc.msg.splitlines()[0]})"
+        ) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the config."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what is printed at start and saved next to checkpoints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Validation (no process group needed; world size passed in where it matters)
+# --------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
+    if value not in accepted:
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not accepted; choose one of {list(accepted)}"
+        )
+
+
+def _positive(key: str, value: Optional[float], allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config key '{key}': {value!r} must be {bound}")
+
+
+def validate(cfg: Config) -> None:
+    """Value and cross-field checks that need no process group."""
+    m, moe, par, tr = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    _choice("model.type", m.type, ["gpt", "bert"])
+    _choice("model.position_embedding_type", m.position_embedding_type, ["rope", "learned_absolute"])
+    _choice("model.normalization", m.normalization, ["LayerNorm", "RMSNorm"])
+    _choice("model.activation", m.activation, ["gelu", "silu", "swiglu"])
+    for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length"):
+        _positive(f"model.{k}", getattr(m, k))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} must divide "
+            f"model.hidden_size={m.hidden_size}"
+        )
+    _choice("moe.impl", moe.impl, ["megatron", "fastermoe"])
+    _choice("moe.token_dispatcher", moe.token_dispatcher, ["alltoall", "allgather"])
+    _choice("moe.drop_policy", moe.drop_policy, ["probs", "position"])
+    _choice("moe.router.type", moe.router.type, ["topk"])
+    _choice(
+        "moe.router.load_balancing_type",
+        moe.router.load_balancing_type,
+        ["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+    )
+    _choice("moe.router.score_function", moe.router.score_function, ["softmax", "sigmoid"])
+    _choice("moe.router.dtype", moe.router.dtype, ["fp32", "fp64", None])
+    _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, ["never", "predictor", "top_k"])
+    _positive("moe.num_experts", moe.num_experts)
+    _positive("moe.topk", moe.topk)
+    _positive("moe.layer_freq", moe.layer_freq)
+    _positive("moe.capacity_factor", moe.capacity_factor)
+    _positive("moe.fastermoe.group_size", moe.fastermoe.group_size)
+    if moe.topk > moe.num_experts:
+        raise ConfigError(f"moe.topk={moe.topk} exceeds moe.num_experts={moe.num_experts}")
+    if moe.topk == 1 and moe.router.score_function == "softmax" and not moe.router.pre_softmax:
+        raise ConfigError("moe.topk: 1 with moe.router.score_function: softmax needs "
+                          "moe.router.pre_softmax: true (megatron-core rule)")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ConfigError("moe.pad_to_capacity: true needs moe.capacity_factor to be set")
+    for k in ("tensor", "pipeline", "expert", "expert_tensor"):
+        _positive(f"parallel.{k}", getattr(par, k))
+    if par.expert_tensor != 1:
+        raise ConfigError("parallel.expert_tensor: only 1 is supported")
+    if moe.num_experts % par.expert:
+        raise ConfigError(
+            f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert={par.expert}"
+        )
+    if m.num_layers % par.pipeline:
+        raise ConfigError(
+            f"parallel.pipeline={par.pipeline} must divide model.num_layers={m.num_layers}"
+        )
+    if par.tensor > 1 and not par.sequence_parallel:
+        raise ConfigError("MoE with parallel.tensor > 1 needs parallel.sequence_parallel: true")
+    if moe.impl == "fastermoe":
+        if moe.token_dispatcher != "alltoall":
+            raise ConfigError("moe.impl: fastermoe replaces the dispatcher; leave "
+                              "moe.token_dispatcher at 'alltoall'")
+        if par.tensor != 1:
+            raise ConfigError("moe.impl: fastermoe supports parallel.tensor: 1 only")
+        if moe.pad_to_capacity:
+            raise ConfigError("moe.impl: fastermoe does not support moe.pad_to_capacity yet; "
+                              "use capacity_factor without padding")
+    _choice("train.precision", tr.precision, ["fp32", "bf16"])
+    _choice("train.lr_decay_style", tr.lr_decay_style, ["cosine", "linear", "constant"])
+    for k in ("iters", "micro_batch_size", "global_batch_size"):
+        _positive(f"train.{k}", getattr(tr, k))
+    _positive("train.lr", tr.lr)
+    _positive("train.min_lr", tr.min_lr, allow_zero=True)
+    _positive("train.lr_warmup_iters", tr.lr_warmup_iters, allow_zero=True)
+    _positive("train.clip_grad", tr.clip_grad, allow_zero=True)
+    _positive("train.eval_interval", tr.eval_interval, allow_zero=True)
+    _positive("train.eval_iters", tr.eval_iters, allow_zero=True)
+    decay = tr.lr_decay_iters or tr.iters
+    if tr.lr_warmup_iters >= decay:
+        raise ConfigError(
+            f"train.lr_warmup_iters={tr.lr_warmup_iters} must be smaller than the decay length "
+            f"(train.lr_decay_iters, default train.iters) = {decay}"
+        )
+    if tr.global_batch_size % tr.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size={tr.micro_batch_size}"
+        )
+    _choice("data.tokenizer.type", cfg.data.tokenizer.type, ["bpe", "byte", "null"])
+    if not cfg.data.mock and not cfg.data.path:
+        raise ConfigError("data.path is required unless data.mock: true "
+                          "(make one with scripts/preprocess_data.py)")
+    _choice("checkpoint.optimizer_sharding", cfg.checkpoint.optimizer_sharding,
+            ["dp_reshardable", "fully_reshardable"])
+    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)
+    _positive("logging.interval", cfg.logging.interval)
+    _choice("logging.level", cfg.logging.level, ["DEBUG", "INFO", "WARNING", "ERROR"])
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["offline", "online", "disabled"])
+    _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
+    _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
+
+
+def validate_world(cfg: Config, world_size: int, device: str) -> int:
+    """Checks that need the world size and the resolved device; returns the data-parallel size."""
+    par, tr = cfg.parallel, cfg.train
+    model_parallel = par.tensor * par.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+            f"= {par.tensor} x {par.pipeline}"
+        )
+    dp = world_size // model_parallel
+    if (dp * par.tensor) % par.expert:
+        raise ConfigError(
+            f"parallel.expert={par.expert} must divide data-parallel x tensor size "
+            f"= {dp} x {par.tensor} (world size {world_size})"
+        )
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp}"
+        )
+    if cfg.moe.impl == "fastermoe" and par.expert % cfg.moe.fastermoe.group_size:
+        raise ConfigError(
+            f"moe.fastermoe.group_size={cfg.moe.fastermoe.group_size} must divide "
+            f"parallel.expert={par.expert}"
+        )
+    if device == "cpu":
+        if par.tensor > 1:
+            raise ConfigError("parallel.tensor > 1 with MoE is not supported on CPU "
+                              "(gloo rejects the uneven all-gather it needs); use parallel.tensor: 1")
+        if cfg.runtime.backend == "nccl":
+            raise ConfigError("runtime.backend: nccl needs CUDA; use gloo or auto on CPU")
+    return dp
+
+
+# --------------------------------------------------------------------------------------
+# Documentation
+# --------------------------------------------------------------------------------------
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore
+    return docs
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, docstring) for every leaf field, for --help-config."""
+    rows = []
+    docs = _attribute_docs(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            rows.extend(field_docs(type(value), key + "."))
+        else:
+            rows.append((key, value, docs.get(f.name, "")))
+    return rows

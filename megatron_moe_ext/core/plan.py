@@ -1,0 +1,265 @@
+"""Exchange plan of the FasterMoE smart schedule (pure Python, no process group).
+
+Notation
+--------
+T    tokens (routed token copies) held by this rank, sorted by global expert
+E    experts in total, laid out contiguously: expert e lives on worker e // E_l
+E_l  local experts per worker, E_l = E // W
+H    hidden size
+W    workers in the expert-parallel group (ranks 0..W-1 of that group)
+g    group size (``moe.fastermoe.group_size``), must divide W
+n    number of groups, n = W / g
+
+``counts[s, e]`` is the number of tokens worker ``s`` sends to global expert ``e``
+(a [W, E] integer matrix, identical on every rank after an all-gather).
+
+Groups follow ``group_order`` (a permutation of ranks in which the members of a
+group are consecutive): group k = group_order[k*g:(k+1)*g]. The groups form a
+ring; at step j (0 <= j < n) group i sends input tokens to group (i - j) mod n
+and receives from group (i + j) mod n. Step 0 is the local group (self
+included). Outputs computed at step j go back along the same pairs, reversed.
+
+Peers that exchange zero tokens are skipped. Both sides derive this from the
+same ``counts`` matrix, so skipping is always consistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+__all__ = [
+    "SendSlice",
+    "RecvChunk",
+    "ExchangeStep",
+    "ExchangePlan",
+    "build_plan",
+    "make_groups",
+    "ring_groups",
+    "validate_group_size",
+    "counts_to_lists",
+]
+
+GROUP_SIZE_KEY = "moe.fastermoe.group_size"
+
+
+class SendSlice(NamedTuple):
+    """Contiguous slice ``tokens[offset:offset+length]`` sent to ``peer``'s experts."""
+
+    peer: int
+    offset: int
+    length: int
+
+
+class RecvChunk(NamedTuple):
+    """Tokens received from ``peer`` for this rank's local experts (sorted by local expert)."""
+
+    peer: int
+    length: int
+    expert_counts: tuple[int, ...]  # [E_l] tokens per local expert inside the chunk
+
+
+@dataclass(frozen=True)
+class ExchangeStep:
+    """One step j of the ring: what this rank sends to and receives from whom."""
+
+    index: int
+    send_group: int  # group index receiving this rank's tokens at this step, (i - j) mod n
+    recv_group: int  # group index whose tokens this rank computes at this step, (i + j) mod n
+    rank: int
+    sends: tuple[SendSlice, ...]
+    recvs: tuple[RecvChunk, ...]
+
+    @property
+    def tokens_sent(self) -> int:
+        """Tokens leaving this rank's input at this step (self traffic included)."""
+        return sum(s.length for s in self.sends)
+
+    @property
+    def tokens_received(self) -> int:
+        """Tokens this rank computes at this step (self traffic included)."""
+        return sum(r.length for r in self.recvs)
+
+    @property
+    def remote_tokens_sent(self) -> int:
+        """Tokens that actually cross the network at this step (self excluded)."""
+        return sum(s.length for s in self.sends if s.peer != self.rank)
+
+    @property
+    def remote_tokens_received(self) -> int:
+        """Tokens received over the network at this step (self excluded)."""
+        return sum(r.length for r in self.recvs if r.peer != self.rank)
+
+    @property
+    def remote_sends(self) -> tuple[SendSlice, ...]:
+        return tuple(s for s in self.sends if s.peer != self.rank)
+
+    @property
+    def remote_recvs(self) -> tuple[RecvChunk, ...]:
+        return tuple(r for r in self.recvs if r.peer != self.rank)
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """The full smart-schedule plan of one rank for one MoE layer invocation."""
+
+    rank: int
+    world_size: int
+    group_size: int
+    num_local_experts: int
+    groups: tuple[tuple[int, ...], ...]
+    steps: tuple[ExchangeStep, ...]
+    num_input_tokens: int  # T = sum(counts[rank, :])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_compute_tokens(self) -> int:
+        """Tokens this rank's experts process, summed over steps (B_w in the paper)."""
+        return sum(step.tokens_received for step in self.steps)
+
+    def tokens_sent_per_step(self, remote_only: bool = False) -> list[int]:
+        """Tokens sent at each step (input direction; outputs return the same amounts)."""
+        if remote_only:
+            return [s.remote_tokens_sent for s in self.steps]
+        return [s.tokens_sent for s in self.steps]
+
+    def tokens_received_per_step(self, remote_only: bool = False) -> list[int]:
+        """Tokens received (= computed) at each step."""
+        if remote_only:
+            return [s.remote_tokens_received for s in self.steps]
+        return [s.tokens_received for s in self.steps]
+
+
+def validate_group_size(world_size: int, group_size: int) -> int:
+    """Check that ``group_size`` divides ``world_size``; return the number of groups n."""
+    if world_size < 1:
+        raise ValueError(f"expert-parallel world size must be >= 1, got {world_size}")
+    if not isinstance(group_size, int) or group_size < 1 or world_size % group_size != 0:
+        raise ValueError(
+            f"{GROUP_SIZE_KEY}={group_size!r} must be a positive integer dividing the "
+            f"expert-parallel world size {world_size}"
+        )
+    return world_size // group_size
+
+
+def make_groups(
+    world_size: int, group_size: int, group_order: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], ...]:
+    """Split ranks into n = W / g groups of consecutive entries of ``group_order``."""
+    n = validate_group_size(world_size, group_size)
+    order = list(range(world_size)) if group_order is None else [int(r) for r in group_order]
+    if sorted(order) != list(range(world_size)):
+        raise ValueError(
+            f"group_order must be a permutation of range({world_size}), got {list(order)}"
+        )
+    return tuple(tuple(order[k * group_size : (k + 1) * group_size]) for k in range(n))
+
+
+def ring_groups(group_index: int, num_groups: int) -> list[tuple[int, int]]:
+    """(send_group, recv_group) of group ``group_index`` at each step j = 0..n-1."""
+    return [
+        ((group_index - j) % num_groups, (group_index + j) % num_groups)
+        for j in range(num_groups)
+    ]
+
+
+def counts_to_lists(counts: Any) -> list[list[int]]:
+    """Convert a [W, E] torch tensor / numpy array / nested sequence to nested int lists."""
+    if hasattr(counts, "detach"):  # torch.Tensor
+        counts = counts.detach().cpu().tolist()
+    elif hasattr(counts, "tolist"):  # numpy
+        counts = counts.tolist()
+    rows = [[int(v) for v in row] for row in counts]
+    if not rows or any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError("counts must be a non-empty rectangular [W, E] matrix")
+    if any(v < 0 for r in rows for v in r):
+        raise ValueError("counts must be non-negative")
+    return rows
+
+
+def _prefix_sums(row: Sequence[int]) -> list[int]:
+    out = [0]
+    for v in row:
+        out.append(out[-1] + v)
+    return out
+
+
+def _step_sends(
+    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int
+) -> tuple[SendSlice, ...]:
+    prefix = _prefix_sums(rows[rank])
+    sends = []
+    for p in peers:
+        offset = prefix[p * e_l]
+        length = prefix[(p + 1) * e_l] - offset
+        if length > 0:
+            sends.append(SendSlice(p, offset, length))
+    return tuple(sends)
+
+
+def _step_recvs(
+    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int
+) -> tuple[RecvChunk, ...]:
+    recvs = []
+    for s in peers:
+        per_expert = tuple(rows[s][rank * e_l : (rank + 1) * e_l])
+        length = sum(per_expert)
+        if length > 0:
+            recvs.append(RecvChunk(s, length, per_expert))
+    return tuple(recvs)
+
+
+def build_plan(
+    counts: Any,
+    rank: int,
+    world_size: int,
+    group_size: int,
+    group_order: Sequence[int] | None = None,
+) -> ExchangePlan:
+    """Compute this rank's grouped pairwise-exchange plan from the [W, E] count matrix.
+
+    Args:
+        counts: [W, E] integer matrix, counts[s, e] = tokens worker s sends to expert e.
+        rank: this rank's index inside the expert-parallel group.
+        world_size: W.
+        group_size: g, must divide W (``moe.fastermoe.group_size``).
+        group_order: optional permutation of ranks; members of a group are consecutive.
+
+    Returns:
+        An :class:`ExchangePlan` with n = W / g steps; step 0 is the local group.
+    """
+    n = validate_group_size(world_size, group_size)
+    rows = counts_to_lists(counts)
+    if len(rows) != world_size:
+        raise ValueError(f"counts has {len(rows)} rows, expected world_size={world_size}")
+    num_experts = len(rows[0])
+    if num_experts % world_size != 0 or num_experts == 0:
+        raise ValueError(f"number of experts {num_experts} must be a positive multiple of W={world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    e_l = num_experts // world_size
+    groups = make_groups(world_size, group_size, group_order)
+    my_group = next(k for k, grp in enumerate(groups) if rank in grp)
+    steps = tuple(
+        ExchangeStep(
+            index=j,
+            send_group=send_g,
+            recv_group=recv_g,
+            rank=rank,
+            sends=_step_sends(rows, rank, groups[send_g], e_l),
+            recvs=_step_recvs(rows, rank, groups[recv_g], e_l),
+        )
+        for j, (send_g, recv_g) in enumerate(ring_groups(my_group, n))
+    )
+    return ExchangePlan(
+        rank=rank,
+        world_size=world_size,
+        group_size=group_size,
+        num_local_experts=e_l,
+        groups=groups,
+        steps=steps,
+        num_input_tokens=sum(rows[rank]),
+    )

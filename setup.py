@@ -1,0 +1,34 @@
+"""megatron-moe-ext: FasterMoE-style expert parallelism as a megatron-core plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-moe-ext",
+    version="0.1.0",
+    description="Fast distributed Mixture-of-Experts training for megatron-core "
+    "(FasterMoE smart schedule, shadow experts, topology-aware gate, performance model)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_moe_ext", "megatron_moe_ext.*"]),
+    py_modules=["pretrain_gpt_moe"],
+    install_requires=[
+        # Install a torch build first (CPU: `pip install torch==2.13.0`); any torch >= 2.4 that
+        # megatron-core accepts satisfies this and nothing more is pulled.
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging",
+        "PyYAML",
+        "omegaconf>=2.3",
+        "tokenizers>=0.15",
+        # dist_checkpointing's async writer imports psutil without declaring it.
+        "psutil",
+        "matplotlib",
+    ],
+    extras_require={
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        # GPU clusters. apex is not on the package index: see README ("GPU setup").
+        "gpu": ["transformer-engine[pytorch]", "nvidia-nccl-cu12"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)

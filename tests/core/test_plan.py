@@ -1,0 +1,183 @@
+"""Pure tests of the smart-schedule exchange plan (no process group)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_moe_ext.core.plan import (
+    ExchangePlan,
+    RecvChunk,
+    SendSlice,
+    build_plan,
+    make_groups,
+    ring_groups,
+)
+
+CONFIGS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 2), (8, 4)]
+
+
+def _random_counts(w: int, e_l: int, seed: int, zero_frac: float = 0.3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 7, size=(w, w * e_l))
+    counts[rng.random(counts.shape) < zero_frac] = 0
+    return counts
+
+
+def _plans(counts, w: int, g: int, order=None) -> list[ExchangePlan]:
+    return [build_plan(counts, r, w, g, order) for r in range(w)]
+
+
+def _group_of(plan: ExchangePlan, rank: int) -> int:
+    return next(k for k, grp in enumerate(plan.groups) if rank in grp)
+
+
+@pytest.mark.parametrize("w,g", CONFIGS)
+def test_ring_pairing(w: int, g: int) -> None:
+    n = w // g
+    plans = _plans(np.ones((w, w), dtype=int), w, g)
+    for plan in plans:
+        assert len(plan.steps) == n and plan.num_groups == n
+        i = _group_of(plan, plan.rank)
+        for j, step in enumerate(plan.steps):
+            assert step.index == j
+            assert step.send_group == (i - j) % n
+            assert step.recv_group == (i + j) % n
+            # with all-ones counts nothing is skipped: peers are exactly the group members
+            assert [s.peer for s in step.sends] == list(plan.groups[step.send_group])
+            assert [r.peer for r in step.recvs] == list(plan.groups[step.recv_group])
+        # step 0 is the local group, self included
+        assert plan.steps[0].send_group == plan.steps[0].recv_group == i
+        assert plan.rank in [s.peer for s in plan.steps[0].sends]
+        # over all steps every worker is sent to / received from exactly once
+        assert sorted(s.peer for st in plan.steps for s in st.sends) == list(range(w))
+        assert sorted(r.peer for st in plan.steps for r in st.recvs) == list(range(w))
+
+
+def test_ring_groups_explicit() -> None:
+    assert ring_groups(0, 4) == [(0, 0), (3, 1), (2, 2), (1, 3)]
+    assert ring_groups(2, 3) == [(2, 2), (1, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("w,g", CONFIGS)
+@pytest.mark.parametrize("e_l", [1, 3])
+def test_offsets_and_lengths_match_counts(w: int, g: int, e_l: int) -> None:
+    counts = _random_counts(w, e_l, seed=w * 100 + g * 10 + e_l)
+    for plan in _plans(counts, w, g):
+        r = plan.rank
+        assert plan.num_local_experts == e_l
+        assert plan.num_input_tokens == counts[r].sum()
+        covered = []
+        for step in plan.steps:
+            for s in step.sends:
+                assert s.offset == counts[r, : s.peer * e_l].sum()
+                assert s.length == counts[r, s.peer * e_l:(s.peer + 1) * e_l].sum() > 0
+                covered.append((s.offset, s.offset + s.length))
+            for c in step.recvs:
+                expected = tuple(int(v) for v in counts[c.peer, r * e_l:(r + 1) * e_l])
+                assert c.expert_counts == expected and len(c.expert_counts) == e_l
+                assert c.length == sum(expected) > 0
+        # the send slices tile [0, T) exactly, without overlap
+        covered.sort()
+        pos = 0
+        for a, b in covered:
+            assert a == pos
+            pos = b
+        assert pos == plan.num_input_tokens
+        assert plan.num_compute_tokens == counts[:, r * e_l:(r + 1) * e_l].sum()
+
+
+@pytest.mark.parametrize("w,g", CONFIGS)
+@pytest.mark.parametrize("use_order", [False, True])
+def test_send_recv_symmetry(w: int, g: int, use_order: bool) -> None:
+    e_l = 2
+    counts = _random_counts(w, e_l, seed=7 * w + g, zero_frac=0.4)
+    order = list(np.random.default_rng(w + g).permutation(w)) if use_order else None
+    plans = _plans(counts, w, g, order)
+    for a, b in itertools.product(range(w), repeat=2):
+        for j in range(len(plans[0].steps)):
+            sent = [s for s in plans[a].steps[j].sends if s.peer == b]
+            expected = [c for c in plans[b].steps[j].recvs if c.peer == a]
+            assert len(sent) == len(expected) <= 1, (a, b, j)
+            if sent:
+                assert sent[0].length == expected[0].length
+                # what a sends to b is b's slice of a's expert-sorted input
+                lo, hi = sent[0].offset, sent[0].offset + sent[0].length
+                assert hi - lo == sum(expected[0].expert_counts)
+    # the totals a performance model uses are consistent across the group
+    for j in range(len(plans[0].steps)):
+        assert sum(p.tokens_sent_per_step()[j] for p in plans) == sum(
+            p.tokens_received_per_step()[j] for p in plans
+        )
+        assert sum(p.tokens_sent_per_step(remote_only=True)[j] for p in plans) == sum(
+            p.tokens_received_per_step(remote_only=True)[j] for p in plans
+        )
+
+
+def test_zero_count_peers_skipped_on_both_sides() -> None:
+    w, e_l, g = 4, 2, 2
+    counts = np.full((w, w * e_l), 3)
+    counts[0, 2 * e_l:3 * e_l] = 0  # rank 0 sends nothing to rank 2
+    counts[1, :] = 0  # rank 1 has no tokens at all
+    counts[:, 3 * e_l] = 0  # first expert of rank 3 is empty for everyone (rank 3 still gets some)
+    plans = _plans(counts, w, g)
+    all_sends = {(p.rank, s.peer) for p in plans for st in p.steps for s in st.sends}
+    all_recvs = {(c.peer, p.rank) for p in plans for st in p.steps for c in st.recvs}
+    assert all_sends == all_recvs
+    assert (0, 2) not in all_sends
+    assert not any(src == 1 for src, _ in all_sends)
+    assert plans[1].num_input_tokens == 0
+    assert all(not st.sends for st in plans[1].steps)
+    chunks_of_3 = [c for st in plans[3].steps for c in st.recvs]
+    assert chunks_of_3 and all(c.expert_counts[0] == 0 for c in chunks_of_3)
+
+
+def test_self_traffic_in_step_zero() -> None:
+    counts = torch.tensor([[2, 1, 0, 4], [0, 0, 5, 1]])  # W=2, E_l=2
+    p0 = build_plan(counts, 0, 2, 1)
+    assert p0.steps[0].sends == (SendSlice(0, 0, 3),)
+    assert p0.steps[0].recvs == (RecvChunk(0, 3, (2, 1)),)
+    assert p0.steps[0].remote_tokens_sent == 0 and p0.steps[0].tokens_sent == 3
+    assert p0.steps[1].sends == (SendSlice(1, 3, 4),)
+    assert p0.steps[1].recvs == ()  # rank 1 sends nothing to rank 0's experts
+    p1 = build_plan(counts, 1, 2, 1)
+    assert p1.steps[0].sends == (SendSlice(1, 0, 6),)
+    assert p1.steps[1].recvs == (RecvChunk(0, 4, (0, 4)),)
+    assert p1.tokens_received_per_step() == [6, 4]
+    assert p1.tokens_received_per_step(remote_only=True) == [0, 4]
+
+
+def test_group_order_follows_topology() -> None:
+    order = [0, 2, 1, 3]
+    assert make_groups(4, 2, order) == ((0, 2), (1, 3))
+    plan = build_plan(np.ones((4, 4), dtype=int), 2, 4, 2, order)
+    assert [s.peer for s in plan.steps[0].sends] == [0, 2]
+    assert [s.peer for s in plan.steps[1].sends] == [1, 3]
+
+
+@pytest.mark.parametrize("w,g", [(4, 3), (2, 4), (6, 4), (4, 0), (4, -2)])
+def test_bad_group_size(w: int, g: int) -> None:
+    with pytest.raises(ValueError, match=r"moe\.fastermoe\.group_size"):
+        build_plan(np.ones((w, w), dtype=int), 0, w, g)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="permutation"):
+        build_plan(np.ones((4, 4), dtype=int), 0, 4, 2, [0, 1, 1, 3])
+    with pytest.raises(ValueError, match="multiple"):
+        build_plan(np.ones((4, 6), dtype=int), 0, 4, 2)
+    with pytest.raises(ValueError, match="rows"):
+        build_plan(np.ones((2, 4), dtype=int), 0, 4, 2)
+    with pytest.raises(ValueError, match="non-negative"):
+        build_plan(-np.ones((2, 2), dtype=int), 0, 2, 1)
+    with pytest.raises(ValueError, match="rank"):
+        build_plan(np.ones((2, 2), dtype=int), 2, 2, 1)
+
+
+def test_plan_is_frozen() -> None:
+    plan = build_plan(np.ones((2, 2), dtype=int), 0, 2, 1)
+    with pytest.raises(Exception):
+        plan.rank = 1  # type: ignore[misc]
