@@ -41,7 +41,7 @@ class TokenizerConfig:
     type: str = "bpe"
     """`bpe`: a byte-level BPE trained by scripts/preprocess_data.py and saved as
     `tokenizer.json` next to the data; `byte`: raw UTF-8 bytes (vocab 256 + specials);
-    `null`: ids are used as given (mock data)."""
+    `none`: ids are used as given (mock data; needs model.vocab_size)."""
     path: Optional[str] = None
     """Path of the `tokenizer.json` (type bpe). Default: `<data.path directory>/tokenizer.json`."""
 
@@ -522,7 +522,7 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
             f"train.micro_batch_size={tr.micro_batch_size}"
         )
-    _choice("data.tokenizer.type", cfg.data.tokenizer.type, ["bpe", "byte", "null"])
+    _choice("data.tokenizer.type", cfg.data.tokenizer.type, ["bpe", "byte", "none"])
     if not cfg.data.mock and not cfg.data.path:
         raise ConfigError("data.path is required unless data.mock: true "
                           "(make one with scripts/preprocess_data.py)")

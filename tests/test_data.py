@@ -174,7 +174,7 @@ def test_gpt_datasets(corpus, kind):
 
 
 def test_mock_gpt_with_null_tokenizer():
-    cfg = load_config(None, ["data.mock=true", "data.tokenizer.type='null'",
+    cfg = load_config(None, ["data.mock=true", "data.tokenizer.type=none",
                              "model.vocab_size=128", "model.seq_length=32"])
     tok = D.build_tokenizer(cfg)
     assert tok.vocab_size == 128 and tok.eod == 127
@@ -182,7 +182,7 @@ def test_mock_gpt_with_null_tokenizer():
     b = D.get_batch(cfg, D.build_data_iterator(train, 2, 0, 1, 0, 0))
     assert b["tokens"].shape == (2, 32) and int(b["tokens"].max()) < 128
     with pytest.raises(ConfigError, match="model.vocab_size"):
-        D.build_tokenizer(load_config(None, ["data.mock=true", "data.tokenizer.type='null'"]))
+        D.build_tokenizer(load_config(None, ["data.mock=true", "data.tokenizer.type=none"]))
     with pytest.raises(ConfigError, match="data.tokenizer.type=null"):
         D.build_tokenizer(load_config(None, ["data.mock=true"]))
 

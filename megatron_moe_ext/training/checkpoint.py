@@ -194,7 +194,7 @@ def load_checkpoint(
         # those are leaves that require grad, so the copy must run without autograd.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        finish_optimizer_load(optimizer)
+        finish_optimizer_load(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     logger.info("resumed from %s", point.path)
     return int(loaded["iteration"]), int(loaded["consumed_samples"])
@@ -219,15 +219,38 @@ def prepare_optimizer_for_load(optimizer) -> None:
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
 
 
-def finish_optimizer_load(optimizer) -> None:
-    """megatron-core 0.16's DistributedOptimizer.load_state_dict gives every parameter the same
-    `step` tensor; torch's foreach Adam then increments it once per parameter and the resumed run
-    silently diverges. Give each parameter its own copy."""
+def _saved_adam_steps(tree: Any) -> set[float]:
+    """Every `step` recorded in the param_groups of a loaded (possibly chained) optimizer state."""
+    found: set[float] = set()
+    if isinstance(tree, dict):
+        for group in tree.get("param_groups", []) if isinstance(tree.get("param_groups"), list) else []:
+            if isinstance(group, dict) and "step" in group:
+                found.add(float(group["step"]))
+        for value in tree.values():
+            found |= _saved_adam_steps(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found |= _saved_adam_steps(value)
+    return found
+
+
+def finish_optimizer_load(optimizer, loaded_state: Any) -> None:
+    """Restore Adam's step count per parameter.
+
+    megatron-core 0.16's DistributedOptimizer (torch Adam, no apex / TE) loses the step on
+    resume: load_state_dict gives every parameter one shared `step` tensor, and the dp_reshardable
+    parameter-state copy then overwrites it with the value of the load template (0). torch's
+    foreach Adam would also increment a shared tensor once per parameter. The resumed run then
+    silently diverges (wrong bias correction). The true step is in the saved param_groups: give
+    each parameter its own tensor with that value.
+    """
+    steps = _saved_adam_steps(loaded_state)
+    if len(steps) > 1:
+        raise RuntimeError(f"checkpoint holds inconsistent optimizer steps {sorted(steps)}")
+    saved = next(iter(steps)) if steps else None
     for inner in _inner_optimizers(optimizer):
-        seen: set[int] = set()
         for st in inner.state.values():
             step = st.get("step")
             if torch.is_tensor(step):
-                if id(step) in seen:
-                    st["step"] = step.clone()
-                seen.add(id(st["step"]))
+                value = float(step) if saved is None else saved
+                st["step"] = torch.tensor(value, dtype=step.dtype, device=step.device)

@@ -3,7 +3,7 @@
 Public API (used by :mod:`megatron_moe_ext.training.loop`):
 
 * :func:`build_tokenizer` -- ``bpe`` (a ``tokenizer.json`` trained by
-  ``scripts/preprocess_data.py``), ``byte`` (UTF-8 bytes) or ``null`` (ids as given, mock data).
+  ``scripts/preprocess_data.py``), ``byte`` (UTF-8 bytes) or ``none`` (ids as given, mock data).
   The returned object is what megatron-core's dataset configs take as ``tokenizer``.
 * :func:`build_datasets` -- megatron-core's ``GPTDataset`` / ``MockGPTDataset`` or
   ``BERTMaskedWordPieceDataset`` splits through ``BlendedMegatronDatasetBuilder``, built
@@ -200,7 +200,7 @@ class NullTokenizer(Tokenizer):
     ``pad`` is -1 (megatron's own "no pad" id, which never occurs in data); mask/cls/sep None.
     """
 
-    kind = "null"
+    kind = "none"
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = int(vocab_size)
@@ -236,7 +236,7 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         if path is None:
             raise ConfigError(
                 "data.tokenizer.type 'bpe' needs data.tokenizer.path (or data.path, next to which "
-                "tokenizer.json is looked for); for mock data use data.tokenizer.type=null with "
+                "tokenizer.json is looked for); for mock data use data.tokenizer.type=none with "
                 "model.vocab_size=<n>"
             )
         if not os.path.isfile(path):
@@ -249,9 +249,9 @@ def build_tokenizer(cfg: Config) -> Tokenizer:
         tok: Tokenizer = BPETokenizer(path)
     elif kind == "byte":
         tok = ByteTokenizer()
-    elif kind == "null":
+    elif kind == "none":
         if not cfg.model.vocab_size:
-            raise ConfigError("data.tokenizer.type 'null' needs model.vocab_size to be set "
+            raise ConfigError("data.tokenizer.type 'none' needs model.vocab_size to be set "
                               "(ids are used as given; EOD is vocab_size - 1)")
         if cfg.model.vocab_size < 2:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} must be >= 2")
@@ -502,11 +502,22 @@ def build_datasets(
         train, valid, test = builder.build()
     for name, ds, size in zip(("train", "valid", "test"), (train, valid, test), sizes):
         if ds is not None:
+            _disable_mask_cache(ds)
             logger.info("%s dataset: %d samples (requested %s)", name, len(ds), size)
             if size and len(ds) == 0:
                 raise ConfigError(f"the {name} split of {prefix or 'mock data'} yields no samples "
                                   f"of model.seq_length={cfg.model.seq_length}; use more data")
     return train, valid, test
+
+
+def _disable_mask_cache(dataset: Any) -> None:
+    """megatron-core 0.16.1 GPTDataset.__getitem__ caches the loss mask of the first sample it
+    builds *after* zeroing that sample's pad-label positions in place, so every later sample
+    inherits those zeros: the loss mask then depends on which sample a process read first, and
+    a resumed run diverges from an uninterrupted one. Recomputing the masks per sample (cheap)
+    avoids it."""
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
 
 
 # --------------------------------------------------------------------------------------
