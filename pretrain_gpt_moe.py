@@ -8,6 +8,7 @@ Launch with torchrun, one process per device:
 
 Everything after the options is a dotted override of the YAML config (key.sub=value).
 `--help-config` lists every key with its default and meaning.
+`--describe [--cluster johnny]` prints size, FLOPs, memory and predicted speed without training.
 """
 
 from __future__ import annotations
@@ -25,12 +26,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    p.add_argument(
+        "--describe", action="store_true",
+        help="print parameters, FLOPs, memory per GPU (and, with --cluster, the predicted MoE "
+        "layer time) without training; no torchrun needed",
+    )
+    p.add_argument("--cluster", metavar="NAME_OR_PATH",
+                   help="with --describe: cluster (configs/clusters/NAME.yaml or a YAML path)")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="with --describe: world size (default: env WORLD_SIZE, else the smallest "
+                   "that fits parallel.tensor x pipeline x expert)")
+    p.add_argument("--json", metavar="PATH", help="with --describe: also write the description as JSON")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
 
+def _describe(cfg, args: argparse.Namespace) -> int:
+    """--describe: print (and optionally write as JSON) megatron_moe_ext.describe's summary."""
+    import json
+    from pathlib import Path
+
+    from megatron_moe_ext.config import ConfigError
+    from megatron_moe_ext.describe import describe, env_world_size, format_description
+    from megatron_moe_ext.perf.topology import ClusterSpecError
+
+    try:
+        d = describe(cfg, args.world_size or env_world_size(), args.cluster)
+    except (ConfigError, ClusterSpecError) as exc:
+        sys.stderr.write(f"config error: {exc}\n")
+        return 2
+    sys.stdout.write(format_description(d))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(d, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from megatron_moe_ext.runtime.device import quiet_known_warnings
+
+    quiet_known_warnings()
     from megatron_moe_ext.config import ConfigError, field_docs, load_config, to_yaml
 
     if args.help_config:
@@ -45,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
+    if args.describe:
+        return _describe(cfg, args)
+    if args.json or args.cluster or args.world_size:
+        sys.stderr.write("--json, --cluster and --world-size only apply with --describe\n")
+        return 2
     from megatron_moe_ext.training.loop import run
 
     try:

@@ -89,7 +89,9 @@ class RouterConfig:
     """Megatron's router options (identical for both moe.impl values)."""
 
     type: str = "topk"
-    """`topk` (Megatron's TopKRouter)."""
+    """`topk` (Megatron's TopKRouter) or `topology_aware` (FasterMoE's topology-aware gate: at
+    most a fraction of each worker's routed copies go to experts on other nodes, the rest are
+    re-routed to local-node experts; see docs/topology_gate.md)."""
     load_balancing_type: str = "aux_loss"
     """`aux_loss`, `seq_aux_loss`, `sinkhorn` or `none`."""
     aux_loss_coeff: float = 0.01
@@ -100,6 +102,16 @@ class RouterConfig:
     """`softmax` or `sigmoid`."""
     pre_softmax: bool = False
     """Apply softmax before top-k selection."""
+    cluster: Optional[str] = None
+    """topology_aware: cluster description (a name in configs/clusters/ or a YAML path) giving
+    the off-node fraction W_net / (M * W_local) and the workers per node M."""
+    offnode_fraction: Optional[float] = None
+    """topology_aware: the off-node fraction f in (0, 1] directly (overrides the cluster's); a
+    worker sends at most floor(f * tokens * topk) routed copies to other nodes."""
+    workers_per_node: Optional[int] = None
+    """topology_aware: workers per node M for the expert-parallel rank -> node mapping (rank r
+    of the EP group is on node r // M); overrides the cluster's, for emulated clusters.
+    Default: the cluster's, else the launcher's LOCAL_WORLD_SIZE."""
     dtype: Optional[str] = "fp32"
     """Router logits dtype: `fp32`, `fp64` or None (model dtype)."""
 
@@ -126,6 +138,9 @@ class FasterMoEConfig:
     """Where traces go. Default: `<logging.dir>/traces`."""
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
     """Shadow experts."""
+    cluster: Optional[str] = None
+    """Cluster description for the performance model (shadow predictor and predicted layer
+    time): a name in configs/clusters/ or a YAML path. Default: `local-cpu`."""
 
 
 @dataclass
@@ -252,8 +267,10 @@ class CheckpointConfig:
     """Keep the newest n complete checkpoints (0: keep all)."""
     resume: bool = True
     """Resume automatically from the latest complete checkpoint in `load`."""
-    optimizer_sharding: str = "dp_reshardable"
-    """Distributed-optimizer state layout on disk: `dp_reshardable` or `fully_reshardable`."""
+    optimizer_sharding: str = "fully_reshardable"
+    """Distributed-optimizer state layout on disk: `fully_reshardable` (loads under any parallel
+    layout, e.g. a different parallel.expert; gathers optimizer state over data-parallel ranks when
+    saving) or `dp_reshardable` (cheaper saves; resumable only with the same parallel layout)."""
     save_on_signal: bool = True
     """Save and exit cleanly on SIGTERM / SIGUSR1 (slurm preemption)."""
 
@@ -457,7 +474,7 @@ def validate(cfg: Config) -> None:
     _choice("moe.impl", moe.impl, ["megatron", "fastermoe"])
     _choice("moe.token_dispatcher", moe.token_dispatcher, ["alltoall", "allgather"])
     _choice("moe.drop_policy", moe.drop_policy, ["probs", "position"])
-    _choice("moe.router.type", moe.router.type, ["topk"])
+    _choice("moe.router.type", moe.router.type, ["topk", "topology_aware"])
     _choice(
         "moe.router.load_balancing_type",
         moe.router.load_balancing_type,
@@ -465,6 +482,8 @@ def validate(cfg: Config) -> None:
     )
     _choice("moe.router.score_function", moe.router.score_function, ["softmax", "sigmoid"])
     _choice("moe.router.dtype", moe.router.dtype, ["fp32", "fp64", None])
+    if moe.router.type == "topology_aware":
+        _validate_topology_gate(moe.router)
     _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, ["never", "predictor", "top_k"])
     _positive("moe.num_experts", moe.num_experts)
     _positive("moe.topk", moe.topk)
@@ -535,6 +554,32 @@ def validate(cfg: Config) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["offline", "online", "disabled"])
     _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
     _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
+
+
+def _validate_topology_gate(r: RouterConfig) -> None:
+    """moe.router.type: topology_aware needs a cluster or an explicit off-node fraction."""
+    if r.cluster is None and r.offnode_fraction is None:
+        raise ConfigError("moe.router.type: topology_aware needs moe.router.cluster (a name in "
+                          "configs/clusters/ or a YAML path) or moe.router.offnode_fraction")
+    if r.offnode_fraction is not None and not 0.0 < r.offnode_fraction <= 1.0:
+        raise ConfigError(f"config key 'moe.router.offnode_fraction': {r.offnode_fraction!r} "
+                          "must be in (0, 1]")
+    if r.workers_per_node is not None and r.workers_per_node < 1:
+        raise ConfigError(f"config key 'moe.router.workers_per_node': {r.workers_per_node!r} "
+                          "must be >= 1")
+    if r.load_balancing_type == "sinkhorn":
+        raise ConfigError("moe.router.type: topology_aware does not support "
+                          "moe.router.load_balancing_type: sinkhorn")
+    if r.cluster is not None:
+        from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster
+
+        try:
+            spec = load_cluster(r.cluster)
+        except (ClusterSpecError, yaml.YAMLError, OSError) as exc:
+            raise ConfigError(f"config key 'moe.router.cluster': {exc}") from None
+        if r.offnode_fraction is None and spec.nodes > 1 and spec.workers_per_node == 1:
+            raise ConfigError(f"moe.router.cluster: {r.cluster!r} has one worker per node, so "
+                              "W_local is undefined; set moe.router.offnode_fraction")
 
 
 def validate_world(cfg: Config, world_size: int, device: str) -> int:

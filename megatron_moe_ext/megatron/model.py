@@ -20,7 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -102,12 +102,18 @@ def _moe_layer_class(cfg: Config) -> type:
 
 def _swap_moe(layer_spec: ModuleSpec, moe_cls: type, cfg: Config) -> ModuleSpec:
     """A copy of a layer spec whose MoE MLP module is `moe_cls` (same submodules: same router,
-    same SequentialMLP experts, so the same parameter names and layout)."""
+    same SequentialMLP experts, so the same parameter names and layout). With
+    moe.router.type: topology_aware the router is a TopologyAwareRouter (same parameters)."""
     spec = copy.deepcopy(layer_spec)
     mlp = spec.submodules.mlp
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer and moe_cls is not MoELayer:
         mlp.module = moe_cls
         mlp.params = dict(mlp.params or {}, moe_options=cfg.moe)
+    if (isinstance(mlp, ModuleSpec) and isinstance(mlp.submodules, MoESubmodules)
+            and cfg.moe.router.type == "topology_aware"):
+        from megatron_moe_ext.megatron.router import topology_router_builder
+
+        mlp.submodules.router = topology_router_builder(cfg.moe.router)
     return spec
 
 

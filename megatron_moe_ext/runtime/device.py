@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,24 @@ class Runtime:
     def is_cpu(self) -> bool:
         """Whether the CPU runtime is in use."""
         return self.device.type == "cpu"
+
+
+# Import-time notices of megatron-core / torch that say nothing actionable on this stack
+# (they fire on every rank and bury the training log). Matched by message, nothing else.
+_KNOWN_NOISE = (
+    r"Apex is not installed.*",
+    r"Transformer Engine and Apex are not installed.*",
+    r"full scope is deprecated.*",
+    r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated.*",
+    # The CPU runtime's TorchFunctionMode sees megatron's DDP read `.grad` of main-param views.
+    r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the warnings listed in _KNOWN_NOISE (and only those)."""
+    for pattern in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def resolve_device(cfg: RuntimeConfig) -> str:

@@ -4,6 +4,7 @@ Layout under ``checkpoint.save``::
 
     iter_0000020/            dist_checkpointing folder (sharded model + optimizer + common state)
         run_config.yaml      the resolved config of the run that wrote it
+        run_info.json        iteration, consumed samples, world size
         COMPLETE             written by rank 0 after every rank finished writing
     latest_checkpointed_iteration.txt   points at the newest COMPLETE folder (atomic rename)
 
@@ -15,6 +16,7 @@ reported before anything can hang.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -103,6 +105,35 @@ def find_resume_point(cfg: Config) -> Optional[ResumePoint]:
     return ResumePoint(its[-1], path)
 
 
+_LAYOUT_KEYS = ("tensor", "pipeline", "expert")
+
+
+def check_layout(cfg: Config, point: ResumePoint, world_size: int) -> None:
+    """A dp_reshardable checkpoint only loads under the parallel layout that wrote it: say so up
+    front instead of failing deep inside dist_checkpointing."""
+    saved_cfg = point.path / "run_config.yaml"
+    if not saved_cfg.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_cfg.read_text()) or {}
+    sharding = saved.get("checkpoint", {}).get("optimizer_sharding", "dp_reshardable")
+    if sharding != "dp_reshardable" or cfg.train.use_distributed_optimizer is False:
+        return
+    was = {k: saved.get("parallel", {}).get(k) for k in _LAYOUT_KEYS}
+    now = {k: getattr(cfg.parallel, k) for k in _LAYOUT_KEYS}
+    info = point.path / "run_info.json"
+    saved_world = json.loads(info.read_text()).get("world_size") if info.is_file() else None
+    if was != now or (saved_world is not None and saved_world != world_size):
+        raise ConfigError(
+            f"checkpoint {point.path} was saved with checkpoint.optimizer_sharding=dp_reshardable "
+            f"under parallel {was} (world size {saved_world}); this run uses {now} "
+            f"(world size {world_size}). dp_reshardable optimizer state only loads under the same "
+            "layout: resume with the original layout and save with "
+            "checkpoint.optimizer_sharding=fully_reshardable to change it"
+        )
+
+
 def _unwrap(module):
     """The model inside the DDP wrapper (checkpoint keys carry no 'module.' prefix, so they do
     not depend on how the model was wrapped)."""
@@ -156,6 +187,10 @@ def save_checkpoint(
     dist.barrier()
     if rank == 0:
         (path / "run_config.yaml").write_text(to_yaml(cfg))
+        (path / "run_info.json").write_text(
+            json.dumps({"iteration": iteration, "consumed_samples": consumed,
+                        "world_size": dist.get_world_size()}) + "\n"
+        )
         (path / MARKER).write_text(f"{iteration}\n")
         tmp = root / (TRACKER + ".tmp")
         tmp.write_text(f"{iteration}\n")
@@ -179,6 +214,9 @@ def load_checkpoint(
     """Load a checkpoint into the model / optimizer / scheduler; returns (iteration, consumed)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_moe_ext.megatron.compat import patch_distributed_optimizer_load
+
+    patch_distributed_optimizer_load()
     if optimizer is not None:
         prepare_optimizer_for_load(optimizer)
     state = sharded_state(cfg, model, optimizer, scheduler, 0, 0, is_loading=True)

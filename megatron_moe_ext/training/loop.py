@@ -74,6 +74,8 @@ class Trainer:
         device = resolve_device(cfg.runtime)
         self.dp_size = validate_world(cfg, world, device)
         self.resume_point = ckpt.find_resume_point(cfg)  # before any process group
+        if self.resume_point is not None:
+            ckpt.check_layout(cfg, self.resume_point, world)
         self.rt: Runtime = setup_runtime(cfg.runtime, device)
         if self.rt.rank == 0:
             logger.info("resolved config:\n%s", to_yaml(cfg))

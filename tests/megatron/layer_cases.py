@@ -8,7 +8,6 @@ gradient. Notation: S sequence, B batch, H hidden, E experts, W expert-parallel 
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -35,24 +34,10 @@ def _setup(ep: int):
 
 def build_pair(overrides: list[str], pg) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """(stock MoELayer, FasterMoELayer) with identical weights, built from our config schema."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_moe_ext.megatron import layer_builder
 
-    from megatron_moe_ext.config import load_config
-    from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
-    from megatron_moe_ext.megatron.model import build_transformer_config
-
-    cfg = load_config(None, ["data.mock=true", *overrides])
-    tconf = build_transformer_config(cfg, "cpu")
-    spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts).submodules.mlp
-    stock = build_module(spec, config=tconf, pg_collection=pg)
-    fspec = copy.deepcopy(spec)
-    fspec.module = FasterMoELayer
-    fspec.params = dict(fspec.params or {}, moe_options=cfg.moe)
-    faster = build_module(fspec, config=tconf, pg_collection=pg)
-    faster.load_state_dict(stock.state_dict())
-    for layer in (stock, faster):
-        layer.set_layer_number(1)
+    cfg = layer_builder.config_from_overrides(overrides)
+    stock, faster = layer_builder.build_pair(cfg, pg)
     return stock, faster, cfg
 
 

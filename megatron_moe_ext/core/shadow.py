@@ -1,0 +1,261 @@
+"""Mechanics of FasterMoE dynamic shadow experts (PPoPP'22, Section 4.1), plain PyTorch.
+
+A shadowed expert is replicated for one layer invocation: its owner broadcasts the expert's
+parameters over the expert-parallel group, every worker computes its *own* tokens for that
+expert locally, and in backward the replicas' parameter gradients are summed back to the
+owner. The owner's parameters are never written to; the summed gradient reaches them through
+ordinary autograd accumulation, exactly once per backward, so data-parallel gradient hooks,
+``main_grad`` buffers and optimizers see it like any other gradient.
+
+Notation
+--------
+W      workers in the expert-parallel group ``group`` (group ranks 0..W-1)
+E      experts; expert e lives on worker e // E_l (E_l = E / W local experts)
+S      shadowed expert ids (sorted ascending here), identical on every worker
+T      routed token copies on this rank, sorted by global expert
+row    counts[rank]: [E] tokens this rank sends to each expert; expert e's tokens are the
+       contiguous block [prefix(row)[e], prefix(row)[e + 1]) of the expert-sorted input
+
+Autograd graph (one layer call, this rank)::
+
+    owner params --(ShadowBroadcast: fwd broadcast, bwd reduce-sum to owner)--> replicas
+    replicas, tokens[block e], probs[block e] --(expert_fn)--> y_e        for e in S
+    tokens[other blocks] --(smart exchange with counts[:, S] = 0)--> y_rest
+    output = y_rest and y_e put back at their blocks (torch.cat)
+
+``ShadowBroadcast`` takes a zero-size *anchor* leaf that requires grad, so its backward (a
+collective) runs on every worker, owner or not, whenever a backward passes through the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ShadowSplit", "broadcast_from_owners", "functional_apply", "routed_counts"]
+
+
+# --------------------------------------------------------------------------- broadcast / reduce
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One tensor to replicate: its owner (group rank), shape and dtype."""
+
+    owner: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _BroadcastPlan:
+    """Static description of one broadcast: items, this rank, group, reduce precision."""
+
+    items: tuple[_Item, ...]
+    rank: int
+    global_ranks: tuple[int, ...]
+    group: Any
+    device: torch.device
+    reduce_dtype: Optional[torch.dtype]
+
+
+class _ShadowBroadcast(torch.autograd.Function):
+    """Forward: broadcast every item from its owner. Backward: reduce-sum grads to the owner."""
+
+    @staticmethod
+    def forward(ctx, plan: _BroadcastPlan, anchor: torch.Tensor, *owned: torch.Tensor):
+        outs, works = [], []
+        owned_iter = iter(owned)
+        for item in plan.items:
+            if item.owner == plan.rank:
+                buf = next(owned_iter).detach().clone(memory_format=torch.contiguous_format)
+            else:
+                buf = torch.empty(item.shape, dtype=item.dtype, device=plan.device)
+            src = plan.global_ranks[item.owner]
+            works.append(dist.broadcast(buf, src=src, group=plan.group, async_op=True))
+            outs.append(buf)
+        for w in works:
+            w.wait()
+        ctx.plan = plan
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        plan: _BroadcastPlan = ctx.plan
+        bufs, works = [], []
+        for item, g in zip(plan.items, grads):
+            dtype = plan.reduce_dtype or item.dtype
+            if g is None:
+                buf = torch.zeros(item.shape, dtype=dtype, device=plan.device)
+            else:
+                buf = g.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+            dst = plan.global_ranks[item.owner]
+            works.append(dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, group=plan.group,
+                                     async_op=True))
+            bufs.append(buf)
+        for w in works:
+            w.wait()
+        owned_grads = [buf.to(item.dtype) for item, buf in zip(plan.items, bufs)
+                       if item.owner == plan.rank]
+        needs = ctx.needs_input_grad[2:]
+        owned_grads = [g if need else None for g, need in zip(owned_grads, needs)]
+        ctx.plan = None
+        return (None, None, *owned_grads)
+
+
+def broadcast_from_owners(
+    tensors: Sequence[Optional[torch.Tensor]],
+    owners: Sequence[int],
+    templates: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    reduce_dtype: Optional[torch.dtype] = None,
+) -> list[torch.Tensor]:
+    """Replicate tensors from their owners over ``group``; gradients flow back by reduce-sum.
+
+    Args:
+        tensors: item i is the owner's tensor on rank ``owners[i]`` and ``None`` elsewhere.
+            Owned tensors are only read (cloned), never modified.
+        owners: group rank owning item i (the same list on every rank).
+        templates: a tensor with item i's shape and dtype (e.g. a local tensor of the same
+            layout), used to allocate receive buffers.
+        group: the process group (expert-parallel group); every member must call this with
+            the same ``owners`` and shapes, in the same order relative to other collectives.
+        reduce_dtype: dtype of the backward reduction (e.g. float32 for bf16 parameters);
+            default: each item's dtype.
+
+    Returns:
+        New tensors (one per item, never aliasing the inputs). When grad mode is on they are
+        linked to the owner's tensors through a single autograd node whose backward sums every
+        rank's gradient into the owner's input (non-owners get no gradient from this path).
+    """
+    if group is None:
+        raise ValueError("broadcast_from_owners needs an explicit process group")
+    if not (len(tensors) == len(owners) == len(templates)):
+        raise ValueError("tensors, owners and templates must have the same length")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    items, owned = [], []
+    for t, owner, tmpl in zip(tensors, owners, templates):
+        if not 0 <= owner < world:
+            raise ValueError(f"owner {owner} out of range for a group of {world}")
+        if (owner == rank) != (t is not None):
+            raise ValueError(f"rank {rank}: an owned item needs its tensor, others need None "
+                             f"(owner {owner})")
+        if t is not None and (t.shape != tmpl.shape or t.dtype != tmpl.dtype):
+            raise ValueError(f"owned tensor {tuple(t.shape)}/{t.dtype} does not match its "
+                             f"template {tuple(tmpl.shape)}/{tmpl.dtype}")
+        items.append(_Item(int(owner), tmpl.shape, tmpl.dtype))
+        if t is not None:
+            owned.append(t)
+    device = templates[0].device if templates else torch.device("cpu")
+    plan = _BroadcastPlan(
+        items=tuple(items), rank=rank,
+        global_ranks=tuple(dist.get_global_rank(group, r) for r in range(world)),
+        group=group, device=device, reduce_dtype=reduce_dtype,
+    )
+    # The anchor makes every rank's outputs require grad, so that every rank enters the
+    # backward collective (a non-owner has no other input that requires grad).
+    anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
+    logger.debug("rank %d broadcast_from_owners: %d tensors, owners %s", rank, len(items),
+                 sorted(set(owners)))
+    return list(_ShadowBroadcast.apply(plan, anchor, *owned))
+
+
+def functional_apply(module: torch.nn.Module, names: Sequence[str],
+                     tensors: Sequence[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` with its parameters ``names`` replaced by ``tensors`` (functionally).
+
+    The module's own parameters are untouched and take no part in the autograd graph for the
+    replaced names; gradients go to ``tensors``.
+    """
+    return torch.func.functional_call(module, dict(zip(names, tensors)), args, kwargs)
+
+
+# --------------------------------------------------------------------------- token split / merge
+
+
+def routed_counts(counts: torch.Tensor, shadows: Sequence[int]) -> torch.Tensor:
+    """A copy of the [W, E] count matrix with the shadowed experts' columns zeroed."""
+    out = counts.clone()
+    if len(shadows):
+        out[:, list(shadows)] = 0
+    return out
+
+
+@dataclass(frozen=True)
+class ShadowSplit:
+    """How this rank's expert-sorted rows split into routed runs and shadowed-expert blocks.
+
+    ``pieces`` lists (start, length, expert) in input order; expert is None for a run of
+    consecutive non-shadowed experts (routed through the exchange), else the shadowed expert
+    whose block it is. Shadow blocks are always listed, even when empty, so that every rank
+    builds the same autograd graph.
+    """
+
+    row: tuple[int, ...]
+    shadows: tuple[int, ...]
+    pieces: tuple[tuple[int, int, Optional[int]], ...]
+
+    @classmethod
+    def build(cls, row: Sequence[int], shadows: Sequence[int]) -> "ShadowSplit":
+        """Pieces for a rank whose tokens per expert are ``row`` ([E])."""
+        row = tuple(int(v) for v in row)
+        shadows = tuple(sorted(set(int(e) for e in shadows)))
+        if any(not 0 <= e < len(row) for e in shadows):
+            raise ValueError(f"shadow ids {list(shadows)} out of range for {len(row)} experts")
+        prefix = [0]
+        for v in row:
+            prefix.append(prefix[-1] + v)
+        pieces: list[tuple[int, int, Optional[int]]] = []
+        run = 0
+        for e in shadows:
+            if prefix[e] > run:
+                pieces.append((run, prefix[e] - run, None))
+            pieces.append((prefix[e], row[e], e))
+            run = prefix[e + 1]
+        if prefix[-1] > run:
+            pieces.append((run, prefix[-1] - run, None))
+        return cls(row, shadows, tuple(pieces))
+
+    @property
+    def num_tokens(self) -> int:
+        """T: rows of the full input."""
+        return sum(self.row)
+
+    @property
+    def num_routed(self) -> int:
+        """Rows that still go through the exchange."""
+        return sum(n for _, n, e in self.pieces if e is None)
+
+    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(routed rows concatenated in order, {shadowed expert: its block}) of ``t`` [T, ...]."""
+        if t.shape[0] != self.num_tokens:
+            raise ValueError(f"expected {self.num_tokens} rows, got {t.shape[0]}")
+        routed = [t[a:a + n] for a, n, e in self.pieces if e is None]
+        blocks = {e: t[a:a + n] for a, n, e in self.pieces if e is not None}
+        rest = routed[0] if len(routed) == 1 else (torch.cat(routed) if routed else t[:0])
+        return rest, blocks
+
+    def merge(self, routed: torch.Tensor, blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split`: put routed rows and shadow blocks back at their places."""
+        if routed.shape[0] != self.num_routed:
+            raise ValueError(f"expected {self.num_routed} routed rows, got {routed.shape[0]}")
+        parts, off = [], 0
+        for _, n, e in self.pieces:
+            if e is None:
+                parts.append(routed[off:off + n])
+                off += n
+            else:
+                parts.append(blocks[e])
+        if not any(e is None for _, _, e in self.pieces):
+            # Keep the (empty) exchange output in the graph: its backward must still run here
+            # to serve the other ranks' tokens for this rank's experts.
+            parts.append(routed)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

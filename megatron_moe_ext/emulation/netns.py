@@ -1,0 +1,666 @@
+"""A small replica of a cluster on one machine: one network namespace per node, a bridge as the
+switch, token-bucket (tbf) rate limits scaled from the cluster YAML, and one torchrun per node.
+
+Layout (``P`` = prefix, ``mmx-<pid>`` by default)::
+
+    P-sw     : bridge br0 with ports p0 .. p{N-1}            (the inter-node "switch")
+    P-node0  : eth0 = 10.77.0.1/24 (veth peer of p0), lo    (rendezvous address)
+    P-node1  : eth0 = 10.77.0.2/24 (veth peer of p1), lo
+    ...
+
+Rates, with ``scale`` = local GEMM throughput / cluster GEMM throughput:
+
+- NIC of node k: tbf at ``sum(nic.gbps * nic.count) * scale`` (NICs attached to workers count
+  only for the emulated workers, see :func:`node_nic_gbps`) on ``eth0`` of P-nodek (egress,
+  node -> switch) and on ``p<k>`` in P-sw (egress of the switch port = ingress of the node), so
+  both directions of the full-duplex NIC are limited. ``delay_ms`` adds a netem delay under the
+  tbf of ``eth0`` (one way, per node; node -> node round trip = 2 x delay_ms).
+- Intra-node: workers of one node talk over the namespace's ``lo`` (gloo connects to the node's
+  own eth0 address, which Linux routes through ``lo``). When the cluster's slowest worker-to-worker
+  path inside a node is not memory (e.g. PCIe), ``lo`` gets a tbf at that path's bottleneck
+  ``gbps * scale``. One tbf on ``lo`` is a shared bus: it limits the node's aggregate intra-node
+  traffic (both directions together) to one link's rate.
+
+Addresses live only inside the namespaces created here; the root namespace is never touched
+(veth pairs are created directly inside the switch namespace and moved into the node namespace).
+Everything created is removed by :meth:`EmulatedCluster.teardown` (also on errors and signals);
+:func:`cleanup` removes leftovers of dead processes by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence, Union
+
+from ..perf.topology import GBIT, ClusterSpec, Topology
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+"""Repository root (put on PYTHONPATH of the launched processes)."""
+
+PREFIX = "mmx-"
+"""Name prefix of every namespace created here."""
+
+SUBNET = "10.77.0"
+"""Private /24 used inside the namespaces: node k has ``SUBNET.(k+1)``."""
+
+NODE_IF = "eth0"
+"""Interface of a node namespace facing the switch (GLOO_SOCKET_IFNAME)."""
+
+BRIDGE = "br0"
+"""Bridge device inside the switch namespace."""
+
+MEMORY_KINDS = frozenset({"loopback", "memory", "shm", "local"})
+"""Intra-node link kinds that already are memory: no rate limit on ``lo``."""
+
+MAX_NODES = 250
+"""Nodes get host addresses 1..MAX_NODES of the /24."""
+
+TBF_LATENCY_MS = 10
+"""tbf queue length, in ms at the limited rate (a shallow, switch-like buffer; at 10 ms
+bulk TCP transfers saw no drops, at 2 ms they did)."""
+
+TBF_BURST_S = 1e-3
+"""tbf bucket size, in seconds at the limited rate (at least :data:`_MIN_BURST`)."""
+
+_MIN_BURST = {"lo": 128 * 1024}
+"""Minimum tbf burst in bytes per device; a packet larger than the bucket is dropped, and lo's
+MTU is 64 KiB (GSO packets on veth are segmented by tbf, so 16 KiB is enough there)."""
+_DEFAULT_MIN_BURST = 16 * 1024
+
+NS_RE = re.compile(r"^mmx-(\d+)(?:\.\d+)?-(?:node\d+|sw|probe)$")
+"""Names of namespaces created by this module (group 1: the creating process id)."""
+
+_SEQ = itertools.count()
+
+
+class EmulationError(RuntimeError):
+    """Setting up or running the emulation failed."""
+
+
+class EmulationUnavailable(EmulationError):
+    """This machine cannot emulate: not root, no iproute2, no ``ip netns`` or no netem."""
+
+
+# --------------------------------------------------------------------------------------
+# Prerequisites, GEMM throughput and scale
+# --------------------------------------------------------------------------------------
+
+
+def check_prerequisites() -> None:
+    """Raise :class:`EmulationUnavailable` with a clear message unless root + iproute2 work."""
+    if os.geteuid() != 0:
+        raise EmulationUnavailable(
+            "network emulation needs root (creating network namespaces and tc qdiscs needs "
+            "CAP_NET_ADMIN); run as root or with sudo"
+        )
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        raise EmulationUnavailable(
+            f"network emulation needs iproute2 ({', '.join(missing)} not found); install it "
+            "with: apt-get update && apt-get install -y iproute2"
+        )
+    proc = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EmulationUnavailable(
+            f"'ip netns' is unavailable here: {proc.stderr.strip() or proc.returncode}"
+        )
+
+
+def netem_available() -> bool:
+    """Whether the kernel has the netem qdisc (needed for ``delay_ms``); tried in a scratch
+    namespace that is removed again. Raises :class:`EmulationUnavailable` without root."""
+    check_prerequisites()
+    ns = f"mmx-{os.getpid()}-probe"
+    subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=True)
+    try:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem",
+             "delay", "1ms"], capture_output=True, text=True,
+        )
+        return proc.returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def measure_local_gemm_tflops(
+    seconds: float = 1.0, shape: tuple[int, int, int] = (2048, 1024, 1024), threads: int = 1,
+    dtype: str = "fp32",
+) -> float:
+    """Achieved GEMM throughput of this machine in TFLOP/s: ``torch.mm`` of an (m x k) by
+    (k x n) matrix (default: 2048 tokens, H 1024, F 1024, an expert-MLP-sized GEMM) repeated
+    for about ``seconds`` on ``threads`` threads."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    m, k, n = shape
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(m, k, generator=gen).to(torch_dtype)
+        b = torch.randn(k, n, generator=gen).to(torch_dtype)
+        out = torch.empty(m, n, dtype=torch_dtype)
+        torch.mm(a, b, out=out)  # warm-up
+        iters, t0 = 0, time.perf_counter()
+        elapsed = 0.0
+        while (elapsed < seconds or iters < 2) and iters < 100_000:
+            torch.mm(a, b, out=out)
+            iters += 1
+            elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev)
+    return 2.0 * m * n * k * iters / elapsed / 1e12
+
+
+def auto_scale(spec: ClusterSpec, dtype: str = "fp32", local_tflops: float | None = None) -> float:
+    """Scale factor for every link: local GEMM TFLOP/s (measured when not given) divided by
+    the cluster's ``gemm_tflops[dtype]``. Keeps the cluster's compute-to-communication ratio."""
+    if dtype not in spec.gemm_tflops:
+        raise EmulationError(f"{spec.name}: no gemm_tflops for {dtype!r} "
+                             f"(have {sorted(spec.gemm_tflops)})")
+    if local_tflops is None:
+        local_tflops = measure_local_gemm_tflops(dtype=dtype)
+    return float(local_tflops) / float(spec.gemm_tflops[dtype])
+
+
+# --------------------------------------------------------------------------------------
+# Link plan
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmulatedLink:
+    """One rate limit of the emulation: a cluster link scaled and put on one or more devices."""
+
+    name: str
+    """``node<k>.nic`` or ``node<k>.intra``."""
+    kind: str
+    """``nic`` or the cluster's intra-node link kind (e.g. ``pcie``)."""
+    cluster_gbps: float
+    """One-direction bandwidth in the cluster, Gbit/s."""
+    scale: float
+    """Factor applied to every link."""
+    devices: tuple[tuple[str, str], ...]
+    """(namespace label, device) pairs that get a tbf on egress; label ``node<k>`` or ``sw``."""
+    delay_ms: float = 0.0
+    """netem delay added on the first device (0: none)."""
+
+    @property
+    def rate_mbit(self) -> float:
+        """Emulated rate in Mbit/s."""
+        return self.cluster_gbps * self.scale * 1000.0
+
+    @property
+    def rate_bytes(self) -> float:
+        """Emulated rate in bytes/s."""
+        return self.cluster_gbps * self.scale * GBIT
+
+    def describe(self) -> str:
+        """One line: cluster rate, scale, emulated rate and where the limit sits."""
+        where = ", ".join(f"{label}:{dev}" for label, dev in self.devices)
+        delay = f", +{self.delay_ms:g} ms one way" if self.delay_ms else ""
+        return (f"{self.name:<12} {self.kind:<6} {self.cluster_gbps:8.2f} Gbit/s x {self.scale:.4g}"
+                f" = {self.rate_mbit:10.2f} Mbit/s  (tbf on {where}{delay})")
+
+
+@dataclass(frozen=True)
+class IntraNodeLink:
+    """The slowest worker-to-worker path inside one node of a cluster."""
+
+    gbps: float
+    """Bottleneck bandwidth of that path, Gbit/s."""
+    kind: str
+    """Kind of the bottleneck link."""
+    memory: bool
+    """True when every link on the path is memory-like (:data:`MEMORY_KINDS`)."""
+
+
+def intra_node_link(spec: ClusterSpec) -> IntraNodeLink | None:
+    """Bottleneck of the slowest path between two workers of node 0; None with one worker."""
+    if spec.workers_per_node < 2:
+        return None
+    topo = Topology(spec)
+    best: tuple[float, str, bool] | None = None
+    for s in range(spec.workers_per_node):
+        for d in range(spec.workers_per_node):
+            if s == d:
+                continue
+            path = topo.path(s, d)
+            slow = min(path, key=lambda ln: ln.bandwidth)
+            memory = all(ln.kind in MEMORY_KINDS for ln in path)
+            cand = (slow.bandwidth, slow.kind, memory)
+            if best is None or cand[0] < best[0]:
+                best = cand
+    assert best is not None
+    return IntraNodeLink(gbps=best[0] / GBIT, kind=best[1] or "intra", memory=best[2])
+
+
+def _worker_index(vertex: str) -> int | None:
+    return int(vertex[1:]) if vertex[:1] == "w" and vertex[1:].isdigit() else None
+
+
+def node_nic_gbps(spec: ClusterSpec, workers_per_node: int) -> float:
+    """Aggregate NIC bandwidth (Gbit/s) of one emulated node: every NIC hanging off a switch or
+    socket, plus the NICs attached to the workers that are emulated (``w<i>``, i < W). So a
+    cluster with one NIC per GPU (dgx-h100) gives an emulated 1-worker node one NIC, not 8."""
+    total = 0.0
+    for nic in spec.nics:
+        idx = _worker_index(nic.attach)
+        if idx is None or idx < workers_per_node:
+            total += nic.gbps * nic.count
+    if total == 0.0:
+        raise EmulationError(f"{spec.name}: no NIC serves the first {workers_per_node} "
+                             "worker(s) of a node")
+    return total
+
+
+def plan_links(
+    spec: ClusterSpec, scale: float, nodes: int, workers_per_node: int, delay_ms: float = 0.0,
+    intra_limit: bool = True,
+) -> list[EmulatedLink]:
+    """The rate limits for ``nodes`` x ``workers_per_node`` emulated workers of ``spec``."""
+    links: list[EmulatedLink] = []
+    if nodes > 1:
+        if not spec.nics:
+            raise EmulationError(f"{spec.name}: the cluster has no NIC, cannot emulate {nodes} "
+                                 "nodes (use --nodes 1)")
+        nic_gbps = node_nic_gbps(spec, workers_per_node)
+        for k in range(nodes):
+            links.append(EmulatedLink(f"node{k}.nic", "nic", nic_gbps, scale,
+                                      ((f"node{k}", NODE_IF), ("sw", f"p{k}")), delay_ms))
+    if workers_per_node > 1 and intra_limit:
+        intra = intra_node_link(spec)
+        if intra is not None and not intra.memory:
+            for k in range(nodes):
+                links.append(EmulatedLink(f"node{k}.intra", intra.kind, intra.gbps, scale,
+                                          ((f"node{k}", "lo"),)))
+    return links
+
+
+def tbf_args(rate_bytes: float, dev: str) -> list[str]:
+    """``tbf rate .. burst .. latency ..`` for a rate in bytes/s on ``dev``."""
+    kbit = max(8, int(round(rate_bytes * 8 / 1000)))
+    burst = max(_MIN_BURST.get(dev, _DEFAULT_MIN_BURST), int(rate_bytes * TBF_BURST_S))
+    return ["tbf", "rate", f"{kbit}kbit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
+
+
+# --------------------------------------------------------------------------------------
+# Namespaces
+# --------------------------------------------------------------------------------------
+
+
+def list_namespaces() -> list[str]:
+    """Names from ``ip netns list`` (empty when it fails)."""
+    proc = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return []
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _namespace_pids(ns: str) -> list[int]:
+    """Processes running inside namespace ``ns``."""
+    proc = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
+
+
+def _remove_namespace(ns: str) -> bool:
+    """Kill the processes inside ``ns`` (all started by this emulation), then delete ``ns``.
+    Returns True when it is gone."""
+    for _ in range(20):  # bounded: processes may take a moment to die
+        pids = [p for p in _namespace_pids(ns) if p != os.getpid()]
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return ns not in list_namespaces()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup(all_: bool = False) -> list[str]:
+    """Remove namespaces named ``mmx-<pid>-...`` whose creating process is gone (``all_``: also
+    those of live processes). Returns the removed names."""
+    check_prerequisites()
+    removed = []
+    for ns in list_namespaces():
+        m = NS_RE.match(ns)
+        if not m:
+            continue
+        if not all_ and _pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
+            continue
+        if _remove_namespace(ns):
+            removed.append(ns)
+        else:
+            logger.warning("could not remove namespace %s", ns)
+    return removed
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM/SIGHUP during teardown (main thread only), so it completes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _normalize_rc(rc: int) -> int:
+    """Exit status as a shell reports it (killed by signal s -> 128 + s)."""
+    return 128 - rc if rc < 0 else rc
+
+
+NodeRef = Union[int, str]
+
+
+class EmulatedCluster:
+    """Context manager: namespaces, bridge and rate limits for a scaled replica of ``spec``.
+
+    >>> with EmulatedCluster(load_cluster("johnny"), scale=0.005, nodes=2,
+    ...                      workers_per_node=1) as cl:
+    ...     rc = cl.run(["scripts/emulation_probe.py", "--mb", "8"])
+    """
+
+    def __init__(
+        self, spec: ClusterSpec, scale: float, nodes: int | None = None,
+        workers_per_node: int | None = None, delay_ms: float = 0.0, *, intra_limit: bool = True,
+        master_port: int = 29500, prefix: str | None = None, dry_run: bool = False,
+    ) -> None:
+        """Plan the emulation (nothing is created before ``__enter__``).
+
+        ``nodes`` / ``workers_per_node`` default to the cluster's; ``scale`` multiplies every
+        link bandwidth; ``delay_ms`` is a one-way netem delay per node NIC; ``dry_run`` only
+        records the commands (see :attr:`commands`) and needs no root.
+        """
+        self.spec = spec
+        self.scale = float(scale)
+        self.nodes = int(nodes if nodes is not None else spec.nodes)
+        self.workers_per_node = int(workers_per_node if workers_per_node is not None
+                                    else spec.workers_per_node)
+        self.delay_ms = float(delay_ms)
+        if not self.scale > 0:
+            raise EmulationError(f"scale must be > 0, got {scale!r}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise EmulationError(f"nodes must be in [1, {MAX_NODES}], got {self.nodes}")
+        if self.workers_per_node < 1:
+            raise EmulationError(f"workers_per_node must be >= 1, got {self.workers_per_node}")
+        if self.delay_ms < 0:
+            raise EmulationError(f"delay_ms must be >= 0, got {delay_ms!r}")
+        self.master_port = int(master_port)
+        self.dry_run = dry_run
+        seq = next(_SEQ)
+        self.prefix = prefix or (f"mmx-{os.getpid()}" if seq == 0 else f"mmx-{os.getpid()}.{seq}")
+        self.links: list[EmulatedLink] = plan_links(
+            spec, self.scale, self.nodes, self.workers_per_node, self.delay_ms, intra_limit)
+        self.commands: list[list[str]] = []
+        """Every command run (or, with ``dry_run``, that would run) to set up and tear down."""
+        self.returncodes: list[int | None] = []
+        """Exit codes of the last :meth:`run`, per node (None: killed by us)."""
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._active = False
+
+    # ---- naming ----------------------------------------------------------------------
+
+    def namespace(self, node: NodeRef) -> str:
+        """Namespace name of node ``k`` (int), or of the switch (``"sw"``/``"switch"``)."""
+        if isinstance(node, str):
+            if node in ("sw", "switch"):
+                return f"{self.prefix}-sw"
+            if node.startswith("node") and node[4:].isdigit():
+                node = int(node[4:])
+            else:
+                raise ValueError(f"unknown node {node!r}")
+        if not 0 <= node < self.nodes:
+            raise IndexError(f"node {node} out of range [0, {self.nodes})")
+        return f"{self.prefix}-node{node}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        """All namespaces of this emulation: the switch, then the nodes."""
+        return [self.namespace("sw")] + [self.namespace(k) for k in range(self.nodes)]
+
+    def node_address(self, k: int) -> str:
+        """IPv4 address of node ``k`` (on its ``eth0``); node 0's is the rendezvous address."""
+        self.namespace(k)
+        return f"{SUBNET}.{k + 1}"
+
+    @property
+    def master_addr(self) -> str:
+        """Rendezvous address: node 0's address on the bridge side."""
+        return self.node_address(0)
+
+    def describe(self) -> str:
+        """Human-readable summary: sizes, scale, rates and rendezvous."""
+        lines = [
+            f"emulated cluster {self.spec.name}: {self.nodes} node(s) x {self.workers_per_node} "
+            f"worker(s), scale {self.scale:.6g}, rendezvous {self.master_addr}:{self.master_port}"
+            f", namespaces {self.prefix}-{{sw,node0..{self.nodes - 1}}}",
+        ]
+        lines += ["  " + ln.describe() for ln in self.links]
+        if not any(ln.kind != "nic" for ln in self.links):
+            lines.append("  intra-node traffic: not limited (memory / loopback speed)")
+        if self.nodes == 1:
+            lines.append("  one node: no inter-node traffic")
+        return "\n".join(lines)
+
+    # ---- commands --------------------------------------------------------------------
+
+    def _sh(self, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+        """Run (or record, in dry-run) one setup command; raise EmulationError on failure."""
+        argv = [str(a) for a in argv]
+        self.commands.append(argv)
+        if self.dry_run:
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise EmulationError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+                                 f"{proc.stderr.strip()}")
+        return proc
+
+    def _add_namespace(self, ns: str) -> None:
+        if not self.dry_run and ns in list_namespaces():
+            raise EmulationError(f"namespace {ns} already exists (leftover? run "
+                                 "scripts/emulate_cluster.py --cleanup)")
+        self._sh(["ip", "netns", "add", ns])
+        self._created.append(ns)
+        self._sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+    def _setup(self) -> None:
+        sw = self.namespace("sw")
+        self._add_namespace(sw)
+        self._sh(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
+        self._sh(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
+        for k in range(self.nodes):
+            ns = self.namespace(k)
+            self._add_namespace(ns)
+            port = f"p{k}"
+            # created inside the switch namespace, peer moved straight into the node's
+            self._sh(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name",
+                      NODE_IF, "netns", ns])
+            self._sh(["ip", "-n", sw, "link", "set", port, "master", BRIDGE])
+            self._sh(["ip", "-n", sw, "link", "set", port, "up"])
+            self._sh(["ip", "-n", ns, "addr", "add", f"{self.node_address(k)}/24", "dev", NODE_IF])
+            self._sh(["ip", "-n", ns, "link", "set", NODE_IF, "up"])
+        for link in self.links:
+            for i, (label, dev) in enumerate(link.devices):
+                ns = self.namespace(label)
+                tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
+                if i == 0 and link.delay_ms > 0:
+                    self._sh(tc + ["root", "handle", "1:"] + tbf_args(link.rate_bytes, dev))
+                    proc = self._sh(tc + ["parent", "1:1", "handle", "10:", "netem", "delay",
+                                          f"{link.delay_ms:g}ms", "limit", "100000"], check=False)
+                    if proc.returncode != 0:
+                        raise EmulationUnavailable(
+                            f"--delay-ms needs the netem qdisc, which this kernel lacks "
+                            f"(CONFIG_NET_SCH_NETEM): {proc.stderr.strip()}")
+                else:
+                    self._sh(tc + ["root"] + tbf_args(link.rate_bytes, dev))
+
+    def __enter__(self) -> "EmulatedCluster":
+        """Create namespaces, bridge, veths and qdiscs; on any failure remove them again."""
+        if not self.dry_run:
+            check_prerequisites()
+        self._active = True
+        try:
+            self._setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Tear everything down."""
+        self.teardown()
+
+    def teardown(self) -> list[str]:
+        """Stop launched processes and delete every namespace created (with its veths, bridge
+        and qdiscs). Idempotent; returns the names that could not be removed."""
+        failed: list[str] = []
+        with _signals_deferred():
+            self._stop(self._procs)
+            for ns in reversed(self._created):
+                self.commands.append(["ip", "netns", "del", ns])
+                if self.dry_run:
+                    continue
+                if not _remove_namespace(ns):
+                    failed.append(ns)
+            self._created = []
+            self._procs = []
+            self._active = False
+        if failed:
+            logger.error("could not remove namespaces %s; run scripts/emulate_cluster.py "
+                         "--cleanup --all", failed)
+        return failed
+
+    # ---- running ---------------------------------------------------------------------
+
+    def _ns_argv(self, node: NodeRef, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace(node), *map(str, argv)]
+
+    def exec_in(self, node: NodeRef, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside the namespace of ``node`` (int or ``"sw"``) and wait; output is
+        captured as text unless overridden by ``kwargs`` (passed to :func:`subprocess.run`)."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(self._ns_argv(node, argv), **kwargs)
+
+    def popen_in(self, node: NodeRef, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        """Start ``argv`` inside the namespace of ``node`` in its own session (process group),
+        tracked so that :meth:`teardown` stops it."""
+        if not self._active:
+            raise EmulationError("the emulated cluster is not set up (use it as a context manager)")
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(self._ns_argv(node, argv), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def env_for(self, node: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment of node ``node``'s torchrun: GLOO_SOCKET_IFNAME, PYTHONPATH, threads."""
+        out = dict(os.environ if env is None else env)
+        out["GLOO_SOCKET_IFNAME"] = NODE_IF
+        out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), out.get("PYTHONPATH")) if p)
+        out.setdefault("OMP_NUM_THREADS", "1")
+        out["MMX_EMULATION_CLUSTER"] = self.spec.name
+        out["MMX_EMULATION_SCALE"] = repr(self.scale)
+        out["MMX_EMULATION_NODE"] = str(node)
+        return out
+
+    def torchrun_argv(self, node: int, cmd: Sequence[str]) -> list[str]:
+        """torchrun command line for node ``node`` (static rendezvous at node 0)."""
+        return [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", str(self.nodes), "--nproc-per-node", str(self.workers_per_node),
+            "--node-rank", str(node), "--master-addr", self.master_addr,
+            "--master-port", str(self.master_port), *map(str, cmd),
+        ]
+
+    def run(
+        self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
+        timeout: float | None = None, grace_s: float = 30.0, **popen_kwargs,
+    ) -> int:
+        """Launch one torchrun per node running ``cmd`` (``SCRIPT [ARGS...]``, or ``-m MODULE``
+        ...) and wait. Returns the worst exit code of the nodes that exited by themselves
+        (a signal s counts as 128 + s); 124 when ``timeout`` expired. After the first failure,
+        the other nodes get ``grace_s`` seconds to exit before they are stopped.
+        ``popen_kwargs`` (e.g. ``stdout``) go to :class:`subprocess.Popen`."""
+        if not cmd:
+            raise EmulationError("no command to run")
+        if self.dry_run:
+            keys = ("GLOO_SOCKET_IFNAME", "PYTHONPATH", "OMP_NUM_THREADS", "MMX_EMULATION_SCALE")
+            for k in range(self.nodes):
+                full = self.env_for(k, env)
+                self.commands.append(self._ns_argv(
+                    k, ["env", *(f"{key}={full[key]}" for key in keys),
+                        *self.torchrun_argv(k, cmd)]))
+            return 0
+        procs = [self.popen_in(k, self.torchrun_argv(k, cmd), env=self.env_for(k, env),
+                               **popen_kwargs) for k in range(self.nodes)]
+        killed: set[int] = set()
+        timed_out = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fail_at: float | None = None
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.1)
+            now = time.monotonic()
+            if fail_at is None and any(p.poll() not in (None, 0) for p in procs):
+                fail_at = now + grace_s
+            expired = deadline is not None and now > deadline
+            if expired or (fail_at is not None and now > fail_at):
+                timed_out = timed_out or expired
+                alive = [p for p in procs if p.poll() is None]
+                killed.update(id(p) for p in alive)
+                self._stop(alive)
+        self.returncodes = [None if id(p) in killed else _normalize_rc(p.returncode)
+                            for p in procs]
+        worst = max((rc for rc in self.returncodes if rc is not None), default=0)
+        return max(worst, 124) if timed_out else worst
+
+    @staticmethod
+    def _stop(procs: Sequence[subprocess.Popen], wait_s: float = 5.0) -> None:
+        """SIGTERM the process groups of ``procs``, then SIGKILL what is left after ``wait_s``."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p in procs if p.poll() is None]
+            if not alive:
+                return
+            for p in alive:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, sig)
+            end = time.monotonic() + wait_s
+            while time.monotonic() < end and any(p.poll() is None for p in alive):
+                time.sleep(0.05)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=1)

@@ -1,0 +1,83 @@
+"""scripts/bench_moe_layer.py runs end to end (2 spawned ranks, tiny sizes) and writes the JSON
+contract; plus the forced-routing helpers of megatron_moe_ext/megatron/layer_builder.py.
+No speed assertions: timings on a shared CPU are not testable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_moe_ext.megatron.layer_builder import (
+    describe_counts,
+    make_routing,
+    zipf_expert_counts,
+)
+from tests.helpers import REPO
+
+
+@pytest.mark.timeout(300)
+def test_bench_script_writes_json(tmp_path):
+    out, trace = tmp_path / "bench.json", tmp_path / "trace"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_moe_layer.py"), "--impl", "both",
+           "--world-size", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
+           "--experts", "4", "--topk", "2", "--skew", "1.0", "--iters", "2", "--warmup", "1",
+           "--json", str(out), "--trace-dir", str(trace)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "ratio m/f" in proc.stdout
+    r = json.loads(out.read_text())
+    for key in ("impls", "ratio_fwd", "ratio_bwd", "ratio_fwd_bwd", "bound_fraction_schedule",
+                "overlap", "routing", "prediction", "config", "machine", "max_rel_diff_out"):
+        assert key in r, key
+    for impl in ("megatron", "fastermoe"):
+        v = r["impls"][impl]
+        for key in ("fwd_s", "bwd_s", "fwd_bwd_s", "predicted_fwd_bwd_s"):
+            assert isinstance(v[key], float) and v[key] > 0, (impl, key, v[key])
+        assert len(v["fwd_s_iters"]) == 2
+    assert r["ratio_fwd_bwd"] > 0
+    assert r["max_rel_diff_out"] < 1e-5  # identical weights and routing: same outputs
+    assert "placeholder" in r["prediction"]["note"].lower()
+    o = r["overlap"]
+    assert o["bound"] >= 1.0 and o["alltoall_s"] > 0 and o["expert_fwd_s"] > 0
+    routing = r["routing"]
+    # skew 1 with 64 tokens x top-2 per rank: exact Zipf counts, identical on both ranks
+    expected = zipf_expert_counts(64, 4, 2, 1.0).tolist()
+    assert routing["counts"] == [expected, expected]
+    assert sum(routing["worker_loads"]) == 2 * 64 * 2
+    assert len(r["traces"]) == 2 and all(os.path.isfile(p) for p in r["traces"])
+
+
+def test_zipf_counts_balanced_and_capped():
+    assert zipf_expert_counts(4096, 4, 1, 0.0).tolist() == [1024] * 4
+    assert zipf_expert_counts(4096, 4, 2, 0.0).tolist() == [2048] * 4
+    c = zipf_expert_counts(100, 4, 2, 3.0)  # expert 0 would get > T: capped at T
+    assert c.sum() == 200 and c.max() == 100 and list(c) == sorted(c, reverse=True)
+    c = zipf_expert_counts(7, 4, 4, 5.0)
+    assert c.tolist() == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("tokens,experts,topk,skew", [(50, 4, 2, 0.0), (33, 8, 3, 1.5),
+                                                      (20, 4, 1, 2.0)])
+def test_make_routing_exact_and_topk_consistent(tokens, experts, topk, skew):
+    rmap, bias = make_routing(tokens, experts, topk, skew, seed=5)
+    assert rmap.dtype == torch.bool and (rmap.sum(1) == topk).all()
+    assert np.array_equal(rmap.sum(0).numpy(), zipf_expert_counts(tokens, experts, topk, skew))
+    top = bias.topk(topk, dim=1).indices
+    assert torch.equal(torch.zeros_like(rmap).scatter_(1, top, True), rmap)
+    rmap2, bias2 = make_routing(tokens, experts, topk, skew, seed=5)
+    assert torch.equal(rmap, rmap2) and torch.equal(bias, bias2)
+
+
+def test_describe_counts():
+    d = describe_counts([[3, 1, 2, 2], [1, 1, 4, 2]], 2)
+    assert d["worker_matrix"] == [[4, 4], [2, 6]]
+    assert d["worker_loads"] == [6, 10]
+    assert d["imbalance_max_over_mean"] == pytest.approx(1.25)
+    assert d["remote_fraction"] == pytest.approx(6 / 16)

@@ -1,0 +1,221 @@
+"""Dynamic shadow experts never change the math: FasterMoELayer with shadows (forced by
+``top_k`` or chosen by the predictor on skewed routing) vs stock Megatron MoELayer, same weights
+and inputs: outputs, input gradients and every parameter gradient match (fp32 1e-5, bf16 2e-2,
+the tolerances of test_fastermoe_equivalence). Balanced routing: the predictor shadows nothing.
+Training: a tiny GPT through pretrain_gpt_moe.py under torchrun (EP 2 x DP 2, distributed
+optimizer with overlapped gradient reduction, 2 micro-batches) gives the same losses and
+checkpointed weights with and without shadows.
+
+Notation: S sequence, B batch, H hidden, E experts, W expert-parallel workers, T = S * B.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import read_metrics, spawn, torchrun
+from tests.megatron import layer_cases
+from tests.megatron.test_fastermoe_equivalence import BASE, BF16_TOL, FP32_TOL
+
+TOP_K = "moe.fastermoe.shadow.policy=top_k"
+PREDICTOR = "moe.fastermoe.shadow.policy=predictor"
+
+
+def _case(name: str, experts: int, topk: int, ep: int, *extra: str, **kw: Any) -> dict:
+    top1 = ["moe.router.pre_softmax=true"] if topk == 1 else []
+    return dict(name=name, overrides=BASE + [f"moe.num_experts={experts}", f"moe.topk={topk}",
+                                             f"parallel.expert={ep}", *top1, *extra], **kw)
+
+
+CASES_2 = [
+    _case("topk1", 4, 2, 2, TOP_K, "moe.fastermoe.shadow.max_experts=1"),
+    _case("topk2_g2", 4, 2, 2, TOP_K, "moe.fastermoe.shadow.max_experts=2",
+          "moe.fastermoe.group_size=2"),
+    _case("el1_only_expert", 2, 1, 2, TOP_K, "moe.fastermoe.shadow.max_experts=1"),
+    _case("all_shadowed", 4, 2, 2, TOP_K, "moe.fastermoe.shadow.max_experts=4"),
+    _case("capacity_topk1", 4, 2, 2, TOP_K, "moe.capacity_factor=0.5"),
+    _case("predictor_skewed", 4, 2, 2, PREDICTOR, hot=1, seq=32, batch=4, expect_shadow=1),
+    _case("predictor_balanced", 4, 1, 2, PREDICTOR, balanced=True, expect_none=True),
+    _case("bf16_topk2", 4, 2, 2, TOP_K, "moe.fastermoe.shadow.max_experts=2",
+          "train.precision=bf16"),
+]
+
+CASES_4 = [
+    _case("ep4_topk1", 8, 2, 4, TOP_K),
+    _case("ep4_topk2_g2", 8, 2, 4, TOP_K, "moe.fastermoe.shadow.max_experts=2",
+          "moe.fastermoe.group_size=2"),
+    _case("ep4_predictor_skewed", 8, 2, 4, PREDICTOR, hot=5, seq=32, batch=4, expect_shadow=5),
+    _case("ep4_predictor_balanced", 4, 1, 4, PREDICTOR, balanced=True, expect_none=True),
+    _case("ep4_bf16_topk2", 8, 2, 4, TOP_K, "moe.fastermoe.shadow.max_experts=2",
+          "train.precision=bf16", "moe.fastermoe.group_size=2"),
+]
+
+CASES_4_EP2 = [  # 4 processes: expert parallel 2 x expert data parallel 2
+    _case("ep2_dp2_topk1", 4, 2, 2, TOP_K),
+    _case("ep2_dp2_predictor_skewed", 4, 2, 2, PREDICTOR, "moe.fastermoe.cluster=local-cpu",
+          hot=2, seq=32, batch=4, expect_shadow=2),
+]
+
+
+# --------------------------------------------------------------------------- spawned workers
+
+
+def _route(case: dict, layers, x: torch.Tensor, num_experts: int) -> None:
+    """Skew (expert ``hot`` always picked) or balance (token t -> expert t mod E) the routing
+    by editing both layers' router weights and the input, like layer_cases' dead experts."""
+    with torch.no_grad():
+        if case.get("hot") is not None:
+            for layer in layers:
+                layer.router.weight[case["hot"]].fill_(0.0)
+                layer.router.weight[case["hot"], 0] = 20.0
+            x[..., 0] = x[..., 0].abs() + 1.0
+        if case.get("balanced"):
+            for layer in layers:
+                layer.router.weight.zero_()
+                for e in range(num_experts):
+                    layer.router.weight[e, e] = 50.0
+            x[..., :num_experts] = 0.0
+            tokens = x.view(-1, x.shape[-1])
+            idx = torch.arange(tokens.shape[0])
+            tokens[idx, idx % num_experts] = 1.0
+
+
+def _compare(case: dict, pg, rank: int) -> dict[str, Any]:
+    stock, faster, cfg = layer_cases.build_pair(case["overrides"], pg)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(2000 + rank)
+    S, B, H = case.get("seq", 16), case.get("batch", 3), cfg.model.hidden_size
+    x = torch.randn(S, B, H, generator=gen)
+    _route(case, (stock, faster), x, cfg.moe.num_experts)
+    x = x.to(dtype)
+    gy = torch.randn(S, B, H, generator=gen)
+    o1, gx1, g1 = layer_cases.run_layer(stock, x, gy)
+    o2, gx2, g2 = layer_cases.run_layer(faster, x, gy)
+    assert set(g1) == set(g2), (sorted(g1), sorted(g2))
+    counts = faster.token_dispatcher.counts
+    W, E = counts.shape
+    return {
+        "out": layer_cases._rel(o2, o1),
+        "grad_input": layer_cases._rel(gx2, gx1),
+        "grad_params": max(layer_cases._rel(g2[k], g1[k]) for k in g1),
+        "n_params_with_grad": len(g1),
+        "counts": counts.tolist(),
+        "shadows": list(faster.last_shadows),
+        "predicted_s": faster.last_predicted_s,
+        # layer-level predictor on a perfectly balanced count matrix: nothing to shadow
+        "balanced_matrix_shadows": (faster.select_shadows(torch.full((W, E), 1000))
+                                    if faster.shadow_policy == "predictor" else None),
+    }
+
+
+def worker(rank: int, world: int, phases: list, out_dir: str) -> None:
+    """Spawned entry: for each (EP size, cases) phase, run every case; write JSON per rank."""
+    import torch.distributed as dist
+
+    results: dict[str, Any] = {}
+    for ep, cases in phases:
+        ps, pg = layer_cases._setup(ep)
+        for case in cases:
+            results[case["name"]] = _compare(case, pg, rank)
+        dist.barrier()
+        ps.destroy_model_parallel()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(tmp_path: Path, world: int, phases: list) -> dict:
+    spawn(worker, world, phases, str(tmp_path))
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+def _check(results: dict, cases: list[dict]) -> None:
+    for case in cases:
+        tol = BF16_TOL if "train.precision=bf16" in case["overrides"] else FP32_TOL
+        shadows0 = results[0][case["name"]]["shadows"]
+        for rank, res in results.items():
+            r = res[case["name"]]
+            for key in ("out", "grad_input", "grad_params"):
+                assert r[key] <= tol, f"{case['name']} rank {rank}: {key} rel diff {r[key]:.2e} > {tol}"
+            assert r["n_params_with_grad"] >= 3
+            assert r["predicted_s"] is not None and r["predicted_s"] > 0
+            assert r["balanced_matrix_shadows"] in (None, []), (case["name"], r)
+            if r["counts"] == results[0][case["name"]]["counts"]:
+                # same EP group (same all-gathered counts): same shadows on every rank
+                assert r["shadows"] == shadows0, (case["name"], rank, r["shadows"], shadows0)
+        if TOP_K in case["overrides"]:
+            k = next((int(o.split("=")[1]) for o in case["overrides"]
+                      if o.startswith("moe.fastermoe.shadow.max_experts=")), 1)
+            assert len(shadows0) == k, (case["name"], shadows0)
+        if case.get("expect_shadow") is not None:
+            assert case["expect_shadow"] in shadows0, (case["name"], shadows0)
+        if case.get("expect_none"):
+            counts = results[0][case["name"]]["counts"]
+            assert len({v for row in counts for v in row}) == 1, counts  # really balanced
+            assert shadows0 == [], (case["name"], shadows0)
+
+
+@pytest.mark.timeout(400)
+def test_shadow_equivalence_ep2(tmp_path):
+    _check(_run(tmp_path, 2, [(2, CASES_2)]), CASES_2)
+
+
+@pytest.mark.timeout(600)
+def test_shadow_equivalence_ep4_and_ep2_dp2(tmp_path):
+    res = _run(tmp_path, 4, [(4, CASES_4), (2, CASES_4_EP2)])
+    _check(res, CASES_4)
+    _check(res, CASES_4_EP2)
+
+
+# --------------------------------------------------------------------------- training
+
+
+TRAIN_ARGS = [
+    "--config", "configs/gpt_moe_tiny.yaml", "data.mock=true", "data.tokenizer.type=none",
+    "model.vocab_size=256", "train.iters=5", "train.lr_warmup_iters=1",
+    "train.global_batch_size=16", "train.micro_batch_size=2",  # DP 4: 2 micro-batches
+    "train.use_distributed_optimizer=true", "train.overlap_grad_reduce=true",
+    "logging.interval=1", "checkpoint.interval=5",
+    "train.eval_iters=0", "parallel.expert=2",
+]
+
+
+def _model_weights(ckpt_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Model tensors of a dist_checkpointing (torch_dist) checkpoint, loaded on one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{ckpt_dir.parent.parent.name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+    sd = torch.load(out, weights_only=False)
+    return {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.startswith("chained_")
+            and "optimizer" not in k and "_extra_state" not in k}
+
+
+@pytest.mark.timeout(900)
+def test_training_with_shadows_matches_stock(tmp_path):
+    """EP 2 x DP 2, distributed optimizer, 2 micro-batches, 5 steps: per-step losses and the
+    final weights of moe.impl=fastermoe with a shadow every layer call equal moe.impl=megatron.
+    overlap_grad_reduce also checks that each expert gradient arrives exactly once per backward
+    (Megatron's bucket bookkeeping would stall or assert otherwise)."""
+    runs = {}
+    for name, extra in (("megatron", ["moe.impl=megatron"]),
+                        ("shadow", ["moe.impl=fastermoe", TOP_K,
+                                    "moe.fastermoe.shadow.max_experts=1"])):
+        d = tmp_path / name
+        torchrun([*TRAIN_ARGS, *extra, f"logging.dir={d}", f"checkpoint.save={d / 'ckpt'}"],
+                 nproc=4, timeout=800)
+        losses = [r["loss"] for r in read_metrics(d / "metrics.jsonl")]
+        assert len(losses) == 5, losses
+        runs[name] = (losses, _model_weights(d / "ckpt" / "iter_0000005", tmp_path))
+    (l1, w1), (l2, w2) = runs["megatron"], runs["shadow"]
+    for a, b in zip(l1, l2):
+        assert abs(a - b) <= 1e-5 * abs(a), (l1, l2)
+    assert set(w1) == set(w2) and any("experts" in k for k in w1), sorted(w1)
+    for k in w1:
+        rel = layer_cases._rel(w2[k], w1[k])
+        assert rel <= 1e-5, f"{k}: rel diff {rel:.2e}"
