@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a GPT- or BERT-style MoE model with megatron-core (stock or FasterMoE expert layer).
+r"""Pretrain a GPT- or BERT-style MoE model with megatron-core (stock or FasterMoE expert layer).
 
 Launch with torchrun, one process per device:
 

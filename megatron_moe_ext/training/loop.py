@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -244,8 +245,25 @@ class Trainer:
         n = max(1.0, float(t[-1]))
         return {k: float(t[i]) / n for i, k in enumerate(keys) if t[i] != 0}
 
+    def _traced_layers(self) -> list:
+        """FasterMoE layers that record a timeline (moe.fastermoe.trace: true)."""
+        return [m for m in self.model[0].modules() if getattr(m, "tracer", None) is not None]
+
+    def write_traces(self) -> list[str]:
+        """Chrome traces of the last iteration, one file per rank and MoE layer."""
+        fm = self.cfg.moe.fastermoe
+        directory = fm.trace_dir or os.path.join(self.cfg.logging.dir, "traces")
+        paths = [layer.write_trace(directory) for layer in self._traced_layers()]
+        if paths and self.rt.rank == 0:
+            logger.info("FasterMoE timelines of the last iteration in %s "
+                        "(render: python scripts/render_timeline.py %s/*.json --out timeline.png)",
+                        directory, directory)
+        return [p for p in paths if p]
+
     def train_step(self) -> tuple[dict[str, float], float, bool]:
         """One iteration: forward/backward over micro-batches, optimizer step, LR step."""
+        for layer in self._traced_layers():
+            layer.tracer.clear()  # keep the last iteration only
         self._seed(self.state.iteration + 1)
         for m in self.model:
             m.zero_grad_buffer()
@@ -350,6 +368,7 @@ class Trainer:
                 pass  # resumed exactly at a saved iteration with nothing to do
             else:
                 ckpt.save_checkpoint(cfg, self.model, self.optimizer, self.scheduler, st.iteration, st.consumed_samples)
+        self.write_traces()
         if tr.eval_iters and not tr.eval_interval and st.iteration >= tr.iters:
             self._log_eval()
         self.writer.close()

@@ -137,3 +137,53 @@ def test_bert_moe_builds_and_trains(tmp_path, text_data):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert all("lm_loss" in r and "sop_loss" in r for r in rows)
     _falls({r["iteration"]: r["loss"] for r in rows}, margin=0.3)
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_saves_and_exits_then_resumes(tmp_path):
+    """Slurm preemption: SIGUSR1 to the workers makes the run save and exit cleanly; the rerun
+    resumes where it stopped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO, free_port
+
+    args = run_args(tmp_path, *MOCK, "train.iters=400", "parallel.expert=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), str(REPO / "pretrain_gpt_moe.py"), *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline and (not metrics.exists() or len(read_metrics(metrics)) < 3):
+        time.sleep(0.5)
+    assert metrics.exists(), "training never started"
+    # torchrun starts each worker in its own session: find them as its children
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(int(pid), signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(_losses(tmp_path))
+    assert 3 <= stopped < 400, stopped
+    assert (tmp_path / "ckpt" / f"iter_{stopped:07d}" / "COMPLETE").is_file()
+    assert "stop signal received" in out
+    torchrun(args[:] + ["train.iters=" + str(stopped + 3)], nproc=2)
+    assert sorted(_losses(tmp_path))[-1] == stopped + 3
+
+
+@pytest.mark.timeout(120)
+def test_bad_config_fails_fast_under_torchrun(tmp_path):
+    """Experts not divisible by the expert-parallel size: a clear error on every rank, exit code
+    2, well before any process group could hang; nothing written."""
+    proc = torchrun(run_args(tmp_path, *MOCK, "moe.num_experts=3", "parallel.expert=2"),
+                    nproc=2, check=False, timeout=90)
+    assert proc.returncode != 0
+    assert "moe.num_experts=3 is not divisible by parallel.expert=2" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
