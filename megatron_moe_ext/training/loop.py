@@ -119,7 +119,11 @@ class Trainer:
 
         from megatron_moe_ext.megatron.model import build_model, build_transformer_config, pad_vocab
         from megatron_moe_ext.training import data as data_mod
-        from megatron_moe_ext.training.metrics import ExpertLoadTracker, MetricsWriter
+        from megatron_moe_ext.training.metrics import (
+            ExpertLoadTracker,
+            LayerTimeTracker,
+            MetricsWriter,
+        )
 
         cfg, tr = self.cfg, self.cfg.train
         self.tokenizer = data_mod.build_tokenizer(cfg)
@@ -185,6 +189,7 @@ class Trainer:
             self.state.consumed_samples, tr.seed,
         )
         self.load_tracker = ExpertLoadTracker(self.model, cfg.moe.num_experts)
+        self.time_tracker = LayerTimeTracker(self.model)
         self.writer = MetricsWriter(cfg, enabled=self.rt.rank == 0)
         self.stop = _StopRequest(cfg.checkpoint.save_on_signal)
         n_params = sum(p.numel() for p in self.model[0].parameters())
@@ -294,6 +299,7 @@ class Trainer:
         for m in self.model:
             m.train()
         self.load_tracker.counts.clear()
+        self.time_tracker.collect()
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         clear_aux_losses_tracker()
@@ -309,6 +315,7 @@ class Trainer:
         pp_group = self.ps.get_pipeline_model_parallel_group()
         load = self.load_tracker.collect(dp_group, pp_group)
         aux = collect_aux_losses(dp_group, pp_group, self.num_microbatches * window)
+        timing = self._gather_timing(pp_group, window)
         rec: dict[str, Any] = {
             "iteration": self.state.iteration,
             "loss": losses.get("loss", math.nan),
@@ -322,10 +329,28 @@ class Trainer:
             if k in losses:
                 rec[k] = losses[k]
         rec["moe"] = {
-            f"layer_{k}": dict(v, **{name: vals[k - 1] for name, vals in aux.items() if k - 1 < len(vals)})
+            f"layer_{k}": dict(
+                v,
+                **{name: vals[k - 1] for name, vals in aux.items() if k - 1 < len(vals)},
+                **timing.get(k, {}),
+            )
             for k, v in load.items()
         }
         return rec
+
+    def _gather_timing(self, pp_group, window: int) -> dict[int, dict[str, Any]]:
+        """Per MoE layer: measured fwd+bwd seconds per iteration (this rank), the FasterMoE
+        layer's predicted seconds and its shadowed experts; gathered over pipeline stages."""
+        local = self.time_tracker.collect()
+        for rec in local.values():
+            rec["measured_s"] /= max(1, window)
+            if "predicted_s" in rec:
+                rec["predicted_s"] /= max(1, window)
+        if dist.get_world_size(pp_group) > 1:
+            parts: list[Any] = [None] * dist.get_world_size(pp_group)
+            dist.all_gather_object(parts, local, group=pp_group)
+            local = {k: v for part in parts for k, v in part.items()}
+        return local
 
     def train(self) -> TrainState:
         """Run until train.iters (or exit_after_iters, or a stop signal); save; return state."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,6 +70,87 @@ class ExpertLoadTracker:
         """Detach the hooks."""
         for h in self._handles:
             h.remove()
+
+
+class LayerTimeTracker:
+    """Measured forward+backward time of every MoE layer (host clock; on CUDA the layer's
+    kernels are synchronised first), and for FasterMoE layers the shadowed experts and the
+    performance model's predicted time, summed over the micro-batches of an iteration.
+
+    Backward is timed from the arrival of the output gradient to the completion of the input
+    gradient (tensor hooks), so it needs no module-level backward hooks.
+    """
+
+    def __init__(self, model_chunks: list[torch.nn.Module]) -> None:
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
+        self.measured: dict[int, float] = {}
+        self.predicted: dict[int, float] = {}
+        self.shadows: dict[int, list[list[int]]] = {}
+        self._handles = []
+        self._start: dict[int, float] = {}
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, MoELayer):
+                    self._handles.append(module.register_forward_pre_hook(self._pre))
+                    self._handles.append(module.register_forward_hook(self._post))
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _add(self, layer: int, seconds: float) -> None:
+        self.measured[layer] = self.measured.get(layer, 0.0) + seconds
+
+    def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        self._start[id(module)] = self._now()
+        hidden = args[0] if args else None
+        if torch.is_tensor(hidden) and hidden.requires_grad and torch.is_grad_enabled():
+            layer = int(module.layer_number)
+            marks: dict[str, float] = {}
+            module._bwd_marks = marks  # read by the output hook below
+
+            def _input_grad_done(grad):
+                if "start" in marks:
+                    self._add(layer, self._now() - marks.pop("start"))
+                return grad
+
+            hidden.register_hook(_input_grad_done)
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        layer = int(module.layer_number)
+        self._add(layer, self._now() - self._start.pop(id(module), self._now()))
+        if getattr(module, "last_shadows", None) is not None:
+            self.shadows.setdefault(layer, []).append(list(module.last_shadows))
+        predicted = getattr(module, "last_predicted_s", None)
+        if predicted is not None:
+            self.predicted[layer] = self.predicted.get(layer, 0.0) + float(predicted)
+        out = output[0] if isinstance(output, tuple) else output
+        marks = getattr(module, "_bwd_marks", None)
+        if marks is not None and torch.is_tensor(out) and out.requires_grad:
+
+            def _output_grad_arrived(grad):
+                marks["start"] = self._now()
+                return grad
+
+            out.register_hook(_output_grad_arrived)
+
+    def collect(self) -> dict[int, dict[str, Any]]:
+        """{layer: {measured_s, predicted_s?, shadows?}} of this rank, then reset."""
+        out: dict[int, dict[str, Any]] = {}
+        for layer, seconds in self.measured.items():
+            rec: dict[str, Any] = {"measured_s": seconds}
+            if layer in self.predicted:
+                rec["predicted_s"] = self.predicted[layer]
+            if layer in self.shadows:
+                rec["shadows"] = sorted({e for mb in self.shadows[layer] for e in mb})
+            out[layer] = rec
+        self.measured.clear()
+        self.predicted.clear()
+        self.shadows.clear()
+        return out
 
 
 def collect_aux_losses(

@@ -70,3 +70,34 @@ def test_checkpoint_crosses_over(tmp_path, text_data, text_runs, first, second):
     torchrun([*args, f"moe.impl={first}", "train.exit_after_iters=10"], nproc=2)
     torchrun([*args, f"moe.impl={second}"], nproc=2)
     _same(text_runs[first], _losses(tmp_path), 20)
+
+
+@pytest.mark.timeout(300)
+def test_shadow_and_timing_metrics_and_traces(tmp_path):
+    """FasterMoE with forced shadows and tracing: the metrics file carries per-layer shadowed
+    experts, predicted and measured layer time; every rank writes a Chrome trace per layer and
+    the timeline renders."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    torchrun(run_args(tmp_path, *MOCK, "train.iters=4", "parallel.expert=2", "moe.impl=fastermoe",
+                      "moe.fastermoe.shadow.policy=top_k", "moe.fastermoe.shadow.max_experts=1",
+                      "moe.fastermoe.trace=true", "logging.interval=2"), nproc=2)
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]["moe"]
+    for layer in ("layer_1", "layer_2"):
+        rec = last[layer]
+        assert len(rec["shadows"]) >= 1 and all(0 <= e < 4 for e in rec["shadows"])
+        assert rec["predicted_s"] > 0 and rec["measured_s"] > 0
+    traces = sorted((tmp_path / "traces").glob("*.json"))
+    assert [t.name for t in traces] == ["rank0_layer1.json", "rank0_layer2.json",
+                                        "rank1_layer1.json", "rank1_layer2.json"]
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e["name"] for e in events if e.get("ph") == "X"}
+    assert {"S0", "C0", "R0", "bwd_C0"} <= names
+    png = tmp_path / "timeline.png"
+    subprocess.run([sys.executable, str(REPO / "scripts/render_timeline.py"), *map(str, traces),
+                    "--out", str(png)], check=True, cwd=REPO, capture_output=True)
+    assert png.stat().st_size > 1000
