@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:
 logger = logging.getLogger("calibrate")
 
 DEFAULT_OUT = REPO / "configs" / "clusters" / "local-cpu.yaml"
-DEFAULT_TOKENS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_TOKENS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 QUICK_TOKENS = (64, 512, 2048)
 DEFAULT_SIZES = (8, 64 << 10, 1 << 20, 8 << 20)
 QUICK_SIZES = (8, 1 << 20)
@@ -107,7 +107,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="dtypes to measure (default: fp32 bf16; the YAML needs both, a missing "
                         "one copies the measured one)")
     p.add_argument("--gemm-seconds", type=float, default=None,
-                   help="time budget per GEMM size and dtype (default: 0.3; quick 0.05)")
+                   help="time budget per kind and dtype for the rounds over all token counts "
+                        "(default: 4; quick 0.3); at least 3 rounds (quick 2)")
+    p.add_argument("--curve", choices=["mlp", "gemm"], default="mlp",
+                   help="what becomes gemm_tflops / gemm_curve: the expert MLP as training runs "
+                        "it (GEMMs + activation + autograd, counted as GEMM FLOPs) or the bare "
+                        "GEMMs; both are measured and recorded (default: %(default)s)")
+    p.add_argument("--activation", default="gelu", choices=["gelu", "silu", "swiglu", "relu"],
+                   help="expert activation of the mlp kernel (default: %(default)s, the "
+                        "model default)")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="ping-pong message sizes in bytes (default: %s)" % (DEFAULT_SIZES,))
     p.add_argument("--p2p-seconds", type=float, default=None,
@@ -134,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.ffn = args.ffn or 2 * args.hidden
     args.tokens = sorted(set(args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)))
     args.sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)))
-    args.gemm_seconds = args.gemm_seconds or (0.05 if args.quick else 0.3)
+    args.gemm_seconds = args.gemm_seconds or (0.3 if args.quick else 4.0)
     args.p2p_seconds = args.p2p_seconds or (0.05 if args.quick else 0.3)
     if min(args.tokens) < 1 or min(args.sizes) < 4 or args.hidden < 1 or args.ffn < 1:
         p.error("--tokens, --hidden, --ffn must be >= 1 and --sizes >= 4 bytes")
@@ -153,44 +161,88 @@ def _sync_all() -> None:
     dist.barrier()
 
 
-def measure_gemm(hidden: int, ffn: int, tokens: Sequence[int], dtype: str,
-                 seconds: float) -> list[tuple[int, float, int]]:
-    """[(T, TFLOP/s, reps)] of the expert MLP fwd+bwd GEMMs on this rank; every rank must call
-    it together (barrier before each size, so that the workers compute at the same time)."""
+def make_kernel(kind: str, hidden: int, ffn: int, tokens: int, dtype: str,
+                activation: str = "gelu"):
+    """A closure running one expert MLP forward + backward over ``tokens`` rows.
+
+    kind ``gemm``: the six bare GEMMs (fc1 / fc2 forward, data and weight gradients).
+    kind ``mlp``: the expert MLP as training runs it, fc1 -> activation -> fc2 with autograd
+    (the GEMMs plus the activation, its backward and autograd's per-op overhead).
+    Both do 12 T H F GEMM FLOPs (swiglu: fc1 is 2F wide, 18 T H F; counted as such).
+    """
     import torch
+    import torch.nn.functional as F
 
     tdt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    gen = torch.Generator().manual_seed(0)
-    w1 = torch.randn(hidden, ffn, generator=gen).to(tdt)
-    w2 = torch.randn(ffn, hidden, generator=gen).to(tdt)
-    out = []
-    for t in tokens:
-        x = torch.randn(t, hidden, generator=gen).to(tdt)
-        gy = torch.randn(t, hidden, generator=gen).to(tdt)
-        h, y = torch.empty(t, ffn, dtype=tdt), torch.empty(t, hidden, dtype=tdt)
-        gh, gx = torch.empty(t, ffn, dtype=tdt), torch.empty(t, hidden, dtype=tdt)
-        gw1, gw2 = torch.empty(hidden, ffn, dtype=tdt), torch.empty(ffn, hidden, dtype=tdt)
+    gen = torch.Generator().manual_seed(tokens)
+    f1 = 2 * ffn if activation == "swiglu" else ffn
+    x = torch.randn(tokens, hidden, generator=gen).to(tdt)
+    gy = torch.randn(tokens, hidden, generator=gen).to(tdt)
+    if kind == "gemm":
+        w1 = torch.randn(hidden, f1, generator=gen).to(tdt)
+        w2 = torch.randn(ffn, hidden, generator=gen).to(tdt)
+        h, y = torch.empty(tokens, f1, dtype=tdt), torch.empty(tokens, hidden, dtype=tdt)
+        gh, gx = torch.empty(tokens, ffn, dtype=tdt), torch.empty(tokens, hidden, dtype=tdt)
+        gw1, gw2 = torch.empty(hidden, f1, dtype=tdt), torch.empty(ffn, hidden, dtype=tdt)
+        hh = h[:, :ffn]
+        gh1 = torch.empty(tokens, f1, dtype=tdt)
 
         def once() -> None:
-            torch.mm(x, w1, out=h)          # fc1 forward
-            torch.mm(h, w2, out=y)          # fc2 forward
-            torch.mm(gy, w2.t(), out=gh)    # fc2 data gradient
-            torch.mm(h.t(), gy, out=gw2)    # fc2 weight gradient
-            torch.mm(gh, w1.t(), out=gx)    # fc1 data gradient
-            torch.mm(x.t(), gh, out=gw1)    # fc1 weight gradient
+            torch.mm(x, w1, out=h)           # fc1 forward
+            torch.mm(hh, w2, out=y)          # fc2 forward
+            torch.mm(gy, w2.t(), out=gh)     # fc2 data gradient
+            torch.mm(hh.t(), gy, out=gw2)    # fc2 weight gradient
+            torch.mm(gh1, w1.t(), out=gx)    # fc1 data gradient
+            torch.mm(x.t(), gh1, out=gw1)    # fc1 weight gradient
+    elif kind == "mlp":
+        w1 = torch.randn(f1, hidden, generator=gen).to(tdt).requires_grad_(True)
+        w2 = torch.randn(hidden, ffn, generator=gen).to(tdt).requires_grad_(True)
+        act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}.get(activation, F.silu)
 
-        _sync_all()
-        once()  # warm-up
-        times: list[float] = []
-        t_start = time.perf_counter()
-        while len(times) < 2 or (time.perf_counter() - t_start < seconds and len(times) < 1000):
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-        flops = 12.0 * t * hidden * ffn
-        out.append((int(t), flops / statistics.median(times) / 1e12, len(times)))
+        def once() -> None:
+            w1.grad = w2.grad = None
+            xi = x.detach().requires_grad_(True)
+            h = F.linear(xi, w1)
+            if activation == "swiglu":
+                a, g = torch.chunk(h, 2, dim=-1)
+                h = F.silu(a) * g
+            else:
+                h = act(h)
+            F.linear(h, w2).backward(gy)
+    else:
+        raise ValueError(f"kind must be gemm or mlp, got {kind!r}")
+    return once
+
+
+def gemm_flops(hidden: int, ffn: int, tokens: int, activation: str = "gelu") -> float:
+    """GEMM FLOPs of one expert MLP fwd + bwd: 3 x 2 x T H (F1 + F), F1 = 2F for swiglu."""
+    f1 = 2 * ffn if activation == "swiglu" else ffn
+    return 6.0 * tokens * hidden * (f1 + ffn)
+
+
+def measure_gemm(hidden: int, ffn: int, tokens: Sequence[int], dtype: str, seconds: float,
+                 kind: str = "mlp", activation: str = "gelu",
+                 min_rounds: int = 3) -> list[tuple[int, float, int]]:
+    """[(T, TFLOP/s, repetitions)] on this rank: rounds over all token counts (one fwd+bwd
+    of each per round, so that load bursts on a shared machine hit every size alike) until
+    ``seconds`` have passed and at least ``min_rounds`` rounds ran; median per size.
+    Every rank must call it together (barrier first: the workers compute at the same time)."""
+    kernels = {t: make_kernel(kind, hidden, ffn, t, dtype, activation) for t in tokens}
+    for k in kernels.values():
+        k()  # warm-up
     _sync_all()
-    return out
+    times: dict[int, list[float]] = {t: [] for t in tokens}
+    t_start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - t_start < seconds and rounds < 1000):
+        for t in tokens:
+            t0 = time.perf_counter()
+            kernels[t]()
+            times[t].append(time.perf_counter() - t0)
+        rounds += 1
+    _sync_all()
+    return [(int(t), gemm_flops(hidden, ffn, t, activation) / statistics.median(times[t]) / 1e12,
+             len(times[t])) for t in tokens]
 
 
 def _pingpong(peer: int, initiator: bool, nbytes: int, seconds: float) -> tuple[float, int]:
@@ -315,25 +367,28 @@ def node_layout(args: argparse.Namespace, rank: int, world: int) -> tuple[list[i
 # ----------------------------------------------------------------------------------- summary
 
 
-def summarize(gemm_by_rank: list[dict[str, list]], links: dict, nodes: list[int],
-              hosts: list[str], mode: str = "exchange") -> dict[str, Any]:
+def summarize(gemm_by_rank: list[dict[str, dict[str, list]]], links: dict, nodes: list[int],
+              hosts: list[str], mode: str = "exchange", curve: str = "mlp") -> dict[str, Any]:
     """Combine the per-rank measurements into the values written to the YAML; ``mode``
-    (exchange | pingpong) picks the link bandwidth written."""
+    (exchange | pingpong) picks the link bandwidth, ``curve`` (mlp | gemm) the throughput."""
     node_ids = sorted(set(nodes))
     per_node = [nodes.count(n) for n in node_ids]
     if len(set(per_node)) != 1:
         raise SystemExit(f"calibrate: nodes have different worker counts {per_node}; the "
                          "cluster schema needs the same number of workers on every node")
-    gemm: dict[str, Any] = {}
-    dtypes = sorted({d for g in gemm_by_rank for d in g})
-    for dtype in dtypes:
-        rows = [g[dtype] for g in gemm_by_rank]
-        curve = []
-        for i, (t, _, _) in enumerate(rows[0]):
-            vals = [r[i][1] for r in rows]
-            curve.append({"tokens": t, "tflops": statistics.fmean(vals),
-                          "tflops_min_rank": min(vals), "tflops_max_rank": max(vals)})
-        gemm[dtype] = {"curve": curve, "tflops": curve[-1]["tflops"]}
+    def curves(kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for dtype in sorted(gemm_by_rank[0][kind]):
+            rows = [g[kind][dtype] for g in gemm_by_rank]
+            curve = []
+            for i, (t, _, reps) in enumerate(rows[0]):
+                vals = [r[i][1] for r in rows]
+                curve.append({"tokens": t, "tflops": statistics.fmean(vals), "reps": reps,
+                              "tflops_min_rank": min(vals), "tflops_max_rank": max(vals)})
+            out[dtype] = {"curve": curve, "tflops": curve[-1]["tflops"]}
+        return out
+
+    gemm_all = {kind: curves(kind) for kind in sorted(gemm_by_rank[0])}
     pairs = []
     for (a, b), v in sorted(links.items()):
         pairs.append(dict(v, a=a, b=b, intra=nodes[a] == nodes[b]))
@@ -353,7 +408,8 @@ def summarize(gemm_by_rank: list[dict[str, list]], links: dict, nodes: list[int]
                 "exchange_latency_us": med(p["exchange_latency_s"] for p in sel) * 1e6}
 
     return {"world_size": len(nodes), "nodes": len(node_ids), "workers_per_node": per_node[0],
-            "node_of_rank": nodes, "hosts": hosts, "gemm": gemm, "pairs": pairs,
+            "node_of_rank": nodes, "hosts": hosts, "curve_kind": curve,
+            "gemm": gemm_all[curve], "gemm_all": gemm_all, "pairs": pairs,
             "intra": agg([p for p in pairs if p["intra"]]),
             "inter": agg([p for p in pairs if not p["intra"]])}
 
@@ -383,15 +439,18 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
     ]
     if extra.get("emulation"):
         hdr.append(f"# under scripts/emulate_cluster.py: {extra['emulation']}")
-    hdr.append(f"# GEMM: expert MLP fwd+bwd GEMMs (12 T H F FLOPs, H={args.hidden}, "
-               f"F={args.ffn}) on all workers at once; mean over ranks of the median time:")
-    for dtype in sorted(gemm):
-        g = gemm[dtype]
-        if g.get("copied_from"):
-            hdr.append(f"#   {dtype}: not measured, copied from {g['copied_from']}")
-            continue
-        pts = ", ".join(f"{c['tokens']}: {c['tflops']:.4f}" for c in g["curve"])
-        hdr.append(f"#   {dtype} TFLOP/s by tokens {{{pts}}}")
+    hdr.append(f"# Expert MLP fwd+bwd, H={args.hidden}, F={args.ffn}, {args.activation}, on all "
+               "workers at once; TFLOP/s = GEMM FLOPs (12 T H F) / median time, mean over ranks:")
+    kinds = {"gemm": "bare GEMMs (6 torch.mm)",
+             "mlp": "MLP as trained (fc1, activation, fc2, autograd backward)"}
+    for kind in sorted(m["gemm_all"]):
+        for dtype, g in sorted(m["gemm_all"][kind].items()):
+            pts = ", ".join(f"{c['tokens']}: {c['tflops']:.4f}" for c in g["curve"])
+            hdr.append(f"#   {kind} {dtype} by tokens {{{pts}}}")
+        hdr.append(f"#     ({kind}: {kinds[kind]})")
+    hdr.append(f"#   written as gemm_tflops / gemm_curve: the {m['curve_kind']} values"
+               + "".join(f"; {d} copied from {g['copied_from']} (not measured)"
+                         for d, g in sorted(gemm.items()) if g.get("copied_from")))
     hdr.append("# Links, one pair at a time; bandwidth = largest message / (time - time of the "
                "smallest), one direction:")
     hdr.append("#   ping-pong = blocking send/recv round trip / 2 (other direction idle); "
@@ -539,13 +598,16 @@ def worker(args: argparse.Namespace) -> int:
     logger.info("%d workers, node of each rank %s, %d torch threads each, load average %s",
                 world, nodes, torch.get_num_threads(), load)
 
-    gemm: dict[str, list] = {}
-    for dtype in args.dtypes:
-        t0 = time.perf_counter()
-        gemm[dtype] = measure_gemm(args.hidden, args.ffn, args.tokens, dtype, args.gemm_seconds)
-        logger.info("GEMM %s (rank %d): %s  [%.1f s]", dtype, rank,
-                    ", ".join(f"{t}: {tf:.4f}" for t, tf, _ in gemm[dtype]),
-                    time.perf_counter() - t0)
+    gemm: dict[str, dict[str, list]] = {}
+    for kind in ("gemm", "mlp"):
+        for dtype in args.dtypes:
+            t0 = time.perf_counter()
+            rows = measure_gemm(args.hidden, args.ffn, args.tokens, dtype, args.gemm_seconds,
+                                kind, args.activation, 2 if args.quick else 3)
+            gemm.setdefault(kind, {})[dtype] = rows
+            logger.info("%s %s (rank %d, TFLOP/s by tokens): %s  [%d rounds, %.1f s]", kind,
+                        dtype, rank, ", ".join(f"{t}: {tf:.4f}" for t, tf, _ in rows),
+                        rows[0][2], time.perf_counter() - t0)
     if args.pairs == "all":
         pairs = [(a, b) for a in range(world) for b in range(a + 1, world)]
     else:
@@ -562,7 +624,8 @@ def worker(args: argparse.Namespace) -> int:
         all_links: dict = {}
         for g in gathered:
             all_links.update(g["links"])
-        m = summarize([g["gemm"] for g in gathered], all_links, nodes, hosts, args.bandwidth)
+        m = summarize([g["gemm"] for g in gathered], all_links, nodes, hosts, args.bandwidth,
+                      args.curve)
         rc = report(m, args, {"threads": torch.get_num_threads(), "torch": torch.__version__,
                               "loadavg": load, "emulation": _emulation()})
     rc_t = torch.tensor([rc])
@@ -582,7 +645,8 @@ def _emulation() -> Optional[str]:
 def report(m: dict[str, Any], args: argparse.Namespace, extra: dict[str, Any]) -> int:
     """Rank 0: print the summary, write YAML / JSON, run --compare. Returns the exit code."""
     for dtype, g in m["gemm"].items():
-        logger.info("GEMM %s: %.4f TFLOP/s at %d tokens (curve %s)", dtype, g["tflops"],
+        logger.info("written %s %s: %.4f TFLOP/s at %d tokens (curve %s)", m["curve_kind"],
+                    dtype, g["tflops"],
                     g["curve"][-1]["tokens"],
                     ", ".join(f"{c['tokens']}: {c['tflops']:.4f}" for c in g["curve"]))
     for label in ("intra", "inter"):

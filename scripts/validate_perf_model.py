@@ -64,12 +64,14 @@ QUICK_SKEWS = (0.0, 2.0)
 QUICK_SIZES = ((64, 128, 256), (128, 256, 256))
 
 
-def _load_bench():
-    """scripts/bench_moe_layer.py as a module (its argument defaults, overrides, predict)."""
-    spec = importlib.util.spec_from_file_location("bench_moe_layer",
-                                                  REPO / "scripts" / "bench_moe_layer.py")
+def _load_script(name: str):
+    """scripts/<name>.py as a module (bench_moe_layer: argument defaults, overrides, predict;
+    calibrate: the measurement functions and the YAML writer)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_moe_layer", mod)
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
@@ -111,6 +113,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: cores / processes)")
     p.add_argument("--seed", type=int, default=1234, help="seed (default: %(default)s)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="calibrate in the same run: calibrate.py's expert-MLP throughput curve "
+                        "(one pass over its token counts in every timed round, interleaved with "
+                        "the layers, so that it sees the same machine load) and link exchange "
+                        "rate; write the cluster YAML (--recalibrate-out) and predict with it. "
+                        "The --cluster predictions are still reported (r2_cluster)")
+    p.add_argument("--recalibrate-out", metavar="YAML", default=None,
+                   help="where --recalibrate writes its cluster YAML (default: next to --json, "
+                        "else runs/validate/local-cpu-inrun.yaml)")
+    p.add_argument("--calib-tokens", type=int, nargs="+", default=None,
+                   help="token counts of the --recalibrate curve (default: 64 .. 4096; "
+                        "quick 64 512 2048)")
+    p.add_argument("--calib-hidden", type=int, default=512,
+                   help="H of the --recalibrate curve's MLP (F = 2H) (default: %(default)s)")
     p.add_argument("--out-png", metavar="PNG", help="scatter plot of measured vs predicted")
     p.add_argument("--json", metavar="PATH", help="write r2, summary and per-point rows")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
@@ -275,12 +291,13 @@ def worker(args: argparse.Namespace) -> None:
     from megatron_moe_ext.config import RuntimeConfig
     from megatron_moe_ext.megatron import layer_builder as lb
 
-    bench = _load_bench()
+    bench = _load_script("bench_moe_layer")
     rcfg = RuntimeConfig(device="cpu", num_threads=args.threads)
     rt = rdev.setup_runtime(rcfg, "cpu")
     rank, world = rt.rank, rt.world_size
     logging.basicConfig(level=args.log_level.upper() if rank == 0 else "WARNING",
                         format=f"[validate rank {rank}] %(message)s", force=True)
+    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     ps.initialize_model_parallel(expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(args.seed)
@@ -316,9 +333,12 @@ def worker(args: argparse.Namespace) -> None:
         if "error" in pred:
             raise RuntimeError(f"prediction failed for {conf}: {pred['error']}")
         cases.append({"id": cid, "conf": conf, "layers": layers, "x": x, "gy": gy,
-                      "routing": lb.describe_counts(counts, world), "prediction": pred})
+                      "counts": counts, "bargs": bargs,
+                      "routing": lb.describe_counts(counts, world),
+                      "prediction": {"cluster": pred}})
     logger.info("built %d layer pairs in %.1f s", len(cases), time.perf_counter() - t_build)
 
+    calib = InRunCalibration(args, rank, world) if args.recalibrate else None
     raw: dict[tuple[int, str], list[tuple[float, float, float, float]]] = {}
     t_run = time.perf_counter()
     gc.disable()
@@ -334,6 +354,8 @@ def worker(args: argparse.Namespace) -> None:
                 if rnd >= args.warmup:
                     raw.setdefault((cid, name), []).append((f.wall, b.wall, f.cpu, b.cpu))
             gc.collect()
+        if calib is not None and rnd >= args.warmup:
+            calib.round()
         logger.info("round %d/%d (%s): %.1f s", rnd + 1, args.warmup + args.iters,
                     "warm-up" if rnd < args.warmup else "timed", time.perf_counter() - t_round)
     gc.enable()
@@ -341,6 +363,16 @@ def worker(args: argparse.Namespace) -> None:
 
     keys = sorted(raw)
     flat = lb.max_over_ranks([v for key in keys for it in raw[key] for v in it])
+    inrun_yaml = calib.finish() if calib is not None else None
+    if rank == 0 and inrun_yaml:
+        for case in cases:
+            bargs = argparse.Namespace(**vars(case["bargs"]))
+            bargs.cluster = inrun_yaml
+            pred = bench.predict(case["counts"], bargs, world)
+            if "error" in pred:
+                raise RuntimeError(f"prediction failed for {case['conf']}: {pred['error']}")
+            case["prediction"]["inrun"] = pred
+    source = "inrun" if inrun_yaml else "cluster"
     rows = []
     per = 4 * args.iters
     for i, (cid, name) in enumerate(keys):
@@ -349,8 +381,9 @@ def worker(args: argparse.Namespace) -> None:
         tot = [f + b for f, b, _, _ in its]
         cpu = [cf + cb for _, _, cf, cb in its]
         case = cases[cid]
-        pred = case["prediction"][name]
-        rows.append(dict(
+        pred = case["prediction"].get(source) or case["prediction"]["cluster"]
+        pred = pred[name]
+        row = dict(
             case["conf"], config_id=cid, impl=name, schedule=pred["schedule"],
             group_size=pred["group_size"], measured_s=statistics.median(tot),
             measured_min_s=min(tot), measured_max_s=max(tot),
@@ -360,32 +393,43 @@ def worker(args: argparse.Namespace) -> None:
             predicted_s=pred["fwd_bwd_s"], predicted_fwd_s=pred["fwd_s"],
             predicted_bwd_s=pred["bwd_s"], predicted_comp_s=pred["comp_s"],
             predicted_comm_s=pred["comm_s"],
+            predicted_cluster_s=case["prediction"]["cluster"][name]["fwd_bwd_s"],
             imbalance=case["routing"]["imbalance_max_over_mean"],
             worker_loads=case["routing"]["worker_loads"],
-            remote_fraction=case["routing"]["remote_fraction"]))
+            remote_fraction=case["routing"]["remote_fraction"])
+        rows.append(row)
     rows.sort(key=lambda r: (r["hidden"], r["ffn"], r["tokens"], r["skew"], r["impl"]))
 
     if rank == 0:
         summary = summarize(rows)
+        pred_yaml = inrun_yaml or str(args.cluster)
         print(format_table(rows, summary), flush=True)
-        machine = bench._machine()
-        machine["loadavg_1min_start"] = load_start
         result = {
             "r2": summary["r2"], "points": summary["points"],
             "configurations": len(cases), "summary": summary,
-            "cluster": str(args.cluster), "cluster_yaml_header": _yaml_header(args.cluster),
-            "model": ("perf/model.py predict_layer via bench_moe_layer.predict: sync "
-                      "(megatron) = A_d + C + A_c fwd, A_d + 2C + A_c bwd; smart (fastermoe) = "
-                      "two-stream pipeline of the grouped pairwise exchange; C = max_w 4 B_w "
-                      "alpha H^2 / P(B_w) with P the cluster's gemm_curve (or gemm_tflops), "
-                      "A = max over links of bytes / W_l"),
-            "config": {k: v for k, v in vars(args).items()},
+            "prediction_source": ("in-run calibration (--recalibrate), "
+                                  f"{inrun_yaml}" if inrun_yaml else f"--cluster {args.cluster}"),
+            "cluster": pred_yaml, "cluster_yaml_header": _yaml_header(pred_yaml),
+        }
+        if inrun_yaml:
+            static = summarize([dict(r, predicted_s=r["predicted_cluster_s"]) for r in rows])
+            result["r2_cluster"] = static["r2"]
+            result["summary_cluster"] = static
+            result["cluster_static"] = str(args.cluster)
+            print(f"with --cluster {args.cluster} instead: R^2 = {static['r2']:.4f}, log-space "
+                  f"R^2 {static['r2_log']:.4f}, measured / predicted median "
+                  f"{static['ratio_measured_over_predicted_median']:.3f}", flush=True)
+        machine = bench._machine()
+        machine["loadavg_1min_start"] = load_start
+        result.update({
+            "model": MODEL_TEXT, "config": {k: v for k, v in vars(args).items()},
             "world_size": world, "threads_per_rank": torch.get_num_threads(),
             "timed_seconds": run_s, "machine": machine, "rows": rows,
-        }
+        })
         if args.out_png:
+            label = "in-run calibration" if inrun_yaml else Path(str(args.cluster)).stem
             result["png"] = plot(rows, summary, args.out_png,
-                                 f"perf model vs measured, EP={world}, cluster {Path(str(args.cluster)).stem}")
+                                 f"perf model vs measured layer, EP={world}, P and W: {label}")
             logger.info("wrote %s", result["png"])
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +438,87 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+MODEL_TEXT = (
+    "perf/model.py predict_layer via bench_moe_layer.predict, nothing fitted to layer timings: "
+    "sync (megatron) fwd = A_d + C + A_c, bwd = A_d + 2C + A_c; smart (fastermoe) = two-stream "
+    "pipeline of the grouped pairwise exchange (fwd and bwd); C = max_w 4 B_w alpha H^2 / "
+    "P(B_w), P = the cluster's gemm_curve (or gemm_tflops) interpolated at the tokens of worker "
+    "w; A = max over directed links of bytes / W_l. Not modelled: router, permutation / "
+    "un-permutation, the dispatcher's bookkeeping, Python and autograd overhead outside the "
+    "expert MLP, latency of messages.")
+
+
+class InRunCalibration:
+    """calibrate.py's measurements inside the validation run: the link exchange rate once at
+    the start, and the expert-MLP throughput curve as one pass over its token counts per timed
+    round (all ranks together, right after the round's layers)."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
+        self.cal = _load_script("calibrate")
+        hidden = args.calib_hidden
+        tokens = args.calib_tokens or ([64, 512, 2048] if args.quick else
+                                       [64, 128, 256, 512, 1024, 2048, 4096])
+        argv = ["--hidden", str(hidden), "--ffn", str(2 * hidden), "--dtypes", args.dtype,
+                "--tokens", *map(str, tokens), "--curve", "mlp"] + (["--quick"] if args.quick
+                                                                      else [])
+        self.cargs = self.cal.parse_args(argv)
+        self.args, self.rank, self.world, self.dtype = args, rank, world, args.dtype
+        self.kernels = {t: self.cal.make_kernel("mlp", hidden, 2 * hidden, t, args.dtype,
+                                                self.cargs.activation)
+                        for t in self.cargs.tokens}
+        for k in self.kernels.values():
+            k()
+        self.times: dict[int, list[float]] = {t: [] for t in self.cargs.tokens}
+        self.nodes, self.hosts = self.cal.node_layout(self.cargs, rank, world)
+        pairs = [(a, b) for a in range(world) for b in range(a + 1, world)]
+        self.links = self.cal.measure_links(pairs, self.cargs.sizes, self.cargs.p2p_seconds)
+        self.load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+    def round(self) -> None:
+        """One fwd+bwd of the MLP at every token count (barrier first)."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        for t, k in self.kernels.items():
+            t0 = time.perf_counter()
+            k()
+            self.times[t].append(time.perf_counter() - t0)
+
+    def finish(self) -> Optional[str]:
+        """Gather, summarise and (rank 0) write the cluster YAML; returns its path on rank 0."""
+        import torch
+        import torch.distributed as dist
+
+        rows = [(t, self.cal.gemm_flops(self.cargs.hidden, self.cargs.ffn, t,
+                                        self.cargs.activation)
+                 / statistics.median(ts) / 1e12, len(ts)) for t, ts in self.times.items()]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, {"gemm": {"mlp": {self.dtype: rows}},
+                                          "links": self.links})
+        if self.rank != 0:
+            return None
+        links: dict = {}
+        for g in gathered:
+            links.update(g["links"])
+        m = self.cal.summarize([g["gemm"] for g in gathered], links, self.nodes, self.hosts,
+                               self.cargs.bandwidth, "mlp")
+        out = self.args.recalibrate_out
+        if out is None:
+            out = (str(Path(self.args.json).with_suffix("")) + ".cluster.yaml" if self.args.json
+                   else str(REPO / "runs" / "validate" / "local-cpu-inrun.yaml"))
+        cmd = ("scripts/validate_perf_model.py --recalibrate (in-run: one pass over the curve "
+               "per timed round, interleaved with the layer timings)")
+        text = self.cal.cluster_yaml(m, "local-cpu-inrun", self.cargs, cmd, {
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": self.load, "emulation": None})
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text, encoding="utf-8")
+        logger.info("in-run calibration: %s TFLOP/s by tokens %s; link %.3f Gbit/s; wrote %s",
+                    self.dtype, ", ".join(f"{t}: {tf:.4f}" for t, tf, _ in rows),
+                    m["intra"]["gbps"] if m["intra"] else float("nan"), out)
+        return out
 
 
 def _yaml_header(cluster: str) -> list[str]:

@@ -176,9 +176,8 @@ class LocalSlurm:
             list(args), capture_output=True, text=True, timeout=timeout, **kw
         )
         if check and proc.returncode != 0:
-            raise ClusterError(
-                f"`{shlex.join(args)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
-            )
+            out = proc.stderr.strip() or proc.stdout.strip()
+            raise ClusterError(f"`{shlex.join(args)}` failed ({proc.returncode}): {out}")
         return proc
 
     # ------------------------------------------------------------------ configuration
@@ -235,7 +234,7 @@ class LocalSlurm:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
-        for name, port in zip(self.nodes, self.node_ports):
+        for name, port in zip(self.nodes, self.node_ports, strict=True):
             lines.append(
                 f"NodeName={name} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port} "
                 f"CPUs={self.cpus_per_node} State=UNKNOWN"

@@ -46,7 +46,6 @@ def _load_local_cluster():
         "local_cluster", REPO / "scripts/slurm/local_cluster.py"
     )
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("local_cluster", mod)
     spec.loader.exec_module(mod)
     return mod
 
@@ -64,7 +63,8 @@ def _ensure_slurm() -> None:
                            text=True, timeout=900)
         missing = lc.missing_packages()
         if p.returncode != 0 or missing:
-            pytest.fail(f"scripts/install_slurm.sh could not install {missing}:\n{p.stdout}{p.stderr}")
+            pytest.fail(f"scripts/install_slurm.sh could not install {missing}:\n"
+                        f"{p.stdout}{p.stderr}")
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster runs its daemons as root (SlurmUser=root); not root")
 
@@ -151,7 +151,8 @@ def test_two_node_job_trains(cluster, workdir):
     log_dir = runs / f"two-node-{job}"
     info = cluster.wait_job(job, timeout=360)
     assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (
-        f"job {job}: {info.get('JobState')} {info.get('ExitCode')}\n" + _diagnose(cluster, log_dir, out)
+        f"job {job}: {info.get('JobState')} {info.get('ExitCode')}\n"
+        + _diagnose(cluster, log_dir, out)
     )
 
     node0, node1 = _read(log_dir / "node0.log"), _read(log_dir / "node1.log")
@@ -193,7 +194,9 @@ def test_usr1_saves_requeues_and_resumes(cluster, workdir):
         assert state in ("PENDING", "CONFIGURING", "RUNNING"), (
             f"job {job} is {state} before training got going\n" + _diagnose(cluster, log_dir, out)
         )
-        assert time.monotonic() < deadline, "no training progress\n" + _diagnose(cluster, log_dir, out)
+        assert time.monotonic() < deadline, (
+            "no training progress\n" + _diagnose(cluster, log_dir, out)
+        )
         time.sleep(0.2)
     # what --signal=B:USR1@T sends before the time limit (the outcome is checked below)
     cluster.cmd(["scancel", "--signal=USR1", "--batch", str(job)], check=False)
