@@ -130,13 +130,21 @@ def test_pipeline_parallel_2_with_expert_parallel(tmp_path):
     assert set(last) == {"layer_1", "layer_2"}  # both stages' MoE layers reach rank 0's log
 
 
-@pytest.mark.timeout(300)
-def test_bert_moe_builds_and_trains(tmp_path, text_data):
-    torchrun(run_args(tmp_path, "model.type=bert", f"data.path={text_data}", "train.iters=12",
-                      "parallel.expert=2", "model.seq_length=64"), nproc=2)
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert all("lm_loss" in r and "sop_loss" in r for r in rows)
-    _falls({r["iteration"]: r["loss"] for r in rows}, margin=0.3)
+@pytest.mark.timeout(400)
+def test_bert_moe_trains_with_both_implementations(tmp_path, text_data):
+    """BERT-MoE (masked LM + sentence order) on the sentence-split demo data: both moe.impl
+    values train, with the same losses."""
+    runs = {}
+    for impl in ("megatron", "fastermoe"):
+        torchrun(run_args(tmp_path / impl, "model.type=bert", f"data.path={text_data}",
+                          "train.iters=12", "parallel.expert=2", "model.seq_length=64",
+                          f"moe.impl={impl}"), nproc=2)
+        rows = read_metrics(tmp_path / impl / "metrics.jsonl")
+        assert all("lm_loss" in r and "sop_loss" in r for r in rows)
+        runs[impl] = {r["iteration"]: r["loss"] for r in rows}
+        _falls(runs[impl], margin=0.3)
+    for it, loss in runs["megatron"].items():
+        assert runs["fastermoe"][it] == pytest.approx(loss, rel=1e-4), it
 
 
 @pytest.mark.timeout(300)
