@@ -173,7 +173,8 @@ def predict(counts, args, world: int) -> dict:
         res["note"] = (
             f"{args.cluster} is a PLACEHOLDER until calibrated (scripts/calibrate.py): predicted "
             "times are indicative only" if "placeholder" in text.lower() else
-            f"predicted with the numbers of {args.cluster}")
+            f"predicted with the numbers of {args.cluster} (see its header for how and when they "
+            "were measured; on a shared CPU machine they are noisy)")
     except Exception as exc:  # the prediction is informative; never fail the benchmark on it
         res["error"] = f"{type(exc).__name__}: {exc}"
     return res
@@ -251,10 +252,11 @@ def worker(args: argparse.Namespace) -> None:
     results: dict = {"impls": {}, "routing": lb.describe_counts(counts, world)}
     prediction = predict(counts, args, world)
     e_l, wm = args.experts // world, results["routing"]["worker_matrix"]
-    alone = lb.Alone(stock.experts, [sum(counts[rank][w * e_l:(w + 1) * e_l]) for w in range(world)],
-                  [wm[w][rank] for w in range(world)],
-                  [sum(row[rank * e_l + e] for row in counts) for e in range(e_l)],
-                  args.hidden, dtype, pg.ep, sync, rt.device)
+    alone = lb.Alone(stock.experts,
+                     [sum(counts[rank][w * e_l:(w + 1) * e_l]) for w in range(world)],  # send
+                     [wm[w][rank] for w in range(world)],  # receive
+                     [sum(row[rank * e_l + e] for row in counts) for e in range(e_l)],
+                     args.hidden, dtype, pg.ep, sync, rt.device)
 
     # warm-up, then timed iterations; implementations interleaved (ABBA order), the pieces
     # alone timed in the same iterations so that all figures see the same machine load

@@ -43,7 +43,7 @@ def test_bench_script_writes_json(tmp_path):
         assert len(v["fwd_s_iters"]) == 2
     assert r["ratio_fwd_bwd"] > 0
     assert r["max_rel_diff_out"] < 1e-5  # identical weights and routing: same outputs
-    assert "placeholder" in r["prediction"]["note"].lower()
+    assert r["prediction"]["note"]  # says whether the cluster file is a placeholder
     o = r["overlap"]
     assert o["bound"] >= 1.0 and o["alltoall_s"] > 0 and o["expert_fwd_s"] > 0
     routing = r["routing"]
