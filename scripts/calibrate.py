@@ -25,16 +25,19 @@ one pair at a time, for several message sizes: a ping-pong (blocking send / recv
 = median round trip / 2, the other direction idle) and a simultaneous exchange (both sides
 isend + irecv at once, as in an all-to-all over a full-duplex link). Latency = time of the
 smallest size; bandwidth = largest size / (time(largest) - latency), one direction, Gbit/s.
---bandwidth picks which rate becomes the link bandwidth (default: exchange, the one that
-predicts an all-to-all; on a loopback the two directions share the cores and the exchange rate
-is far below the ping-pong rate, on a real or emulated network they agree). Pairs on the same
+--bandwidth picks which rate becomes the link bandwidth (default: pingpong, the link's rate;
+under the emulator it recovers the tbf rate within a few percent, while the exchange rate is
+noisy there because each direction's TCP ACKs queue behind the other direction's data; on the
+loopback the two directions share the cores and the exchange rate is ~half the ping-pong
+rate). Both are recorded in the header. Pairs on the same
 node are intra-node, the others inter-node. The node of a rank is GROUP_RANK (torchrun's node
 rank), else rank // --workers-per-node, else rank // LOCAL_WORLD_SIZE.
 
 What is written (rank 0): the schema of configs/clusters/*.yaml. Workers of a node hang off one
 vertex ``host`` (a star; kind ``loopback`` unless --intra-kind) whose links carry the median
 intra-node bandwidth over pairs; with more than one node, one NIC on ``host`` carries the
-median inter-node bandwidth. A comment header records the date, the command and every measured value.
+median inter-node bandwidth (on ``w0`` with one worker per node). A comment header records
+the date, the command and every measured value.
 --out defaults to configs/clusters/local-cpu.yaml, except under the emulator or with --compare,
 where nothing is written unless --out is given. --json writes the raw measurements.
 
@@ -113,6 +116,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="what becomes gemm_tflops / gemm_curve: the expert MLP as training runs "
                         "it (GEMMs + activation + autograd, counted as GEMM FLOPs) or the bare "
                         "GEMMs; both are measured and recorded (default: %(default)s)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="clock of the written throughput: CPU time of the computing thread "
+                        "(what a worker does when it has its core; insensitive to other jobs "
+                        "on a shared machine) or wall time (includes time-sharing with other "
+                        "jobs); both are measured and recorded; cpu needs 1 torch thread per "
+                        "process, else wall is used (default: %(default)s)")
     p.add_argument("--activation", default="gelu", choices=["gelu", "silu", "swiglu", "relu"],
                    help="expert activation of the mlp kernel (default: %(default)s, the "
                         "model default)")
@@ -124,10 +133,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="ping-pong between every pair, or rank 0 <-> k (default: %(default)s)")
     p.add_argument("--workers-per-node", type=int, default=None,
                    help="node = rank // this (default: GROUP_RANK, else LOCAL_WORLD_SIZE)")
-    p.add_argument("--bandwidth", choices=["exchange", "pingpong"], default="exchange",
-                   help="which measured rate becomes the link bandwidth: the simultaneous "
-                        "2-way exchange (what an all-to-all gets from a full-duplex link) or "
-                        "the ping-pong rate (default: %(default)s)")
+    p.add_argument("--bandwidth", choices=["pingpong", "exchange"], default="pingpong",
+                   help="which measured rate becomes the link bandwidth: the ping-pong rate "
+                        "(one direction of the link) or the simultaneous 2-way exchange (what "
+                        "one direction gets while the other is busy) (default: %(default)s)")
     p.add_argument("--intra-kind", default="loopback",
                    help="kind label of the written intra-node links (default: %(default)s; "
                         "memory-like kinds are not rate-limited by the emulator)")
@@ -222,27 +231,47 @@ def gemm_flops(hidden: int, ffn: int, tokens: int, activation: str = "gelu") -> 
 
 def measure_gemm(hidden: int, ffn: int, tokens: Sequence[int], dtype: str, seconds: float,
                  kind: str = "mlp", activation: str = "gelu",
-                 min_rounds: int = 3) -> list[tuple[int, float, int]]:
-    """[(T, TFLOP/s, repetitions)] on this rank: rounds over all token counts (one fwd+bwd
-    of each per round, so that load bursts on a shared machine hit every size alike) until
-    ``seconds`` have passed and at least ``min_rounds`` rounds ran; median per size.
-    Every rank must call it together (barrier first: the workers compute at the same time)."""
+                 min_rounds: int = 3) -> dict[str, Any]:
+    """Throughput curve on this rank: rounds over all token counts (one fwd+bwd of each per
+    round, so that load bursts on a shared machine hit every size alike) until ``seconds``
+    have passed and at least ``min_rounds`` rounds ran; median per size, by the wall clock and
+    by the CPU time of this thread (``cpu``: None with more than one torch thread, where the
+    thread's CPU time does not cover the work). Every rank must call it together (barrier
+    first: the workers compute at the same time, as in training).
+
+    Returns {"tokens": [T], "wall": [TFLOP/s], "cpu": [TFLOP/s] | None, "reps": [n]}."""
+    import torch
+
     kernels = {t: make_kernel(kind, hidden, ffn, t, dtype, activation) for t in tokens}
     for k in kernels.values():
         k()  # warm-up
+    single = torch.get_num_threads() == 1
     _sync_all()
-    times: dict[int, list[float]] = {t: [] for t in tokens}
+    wall: dict[int, list[float]] = {t: [] for t in tokens}
+    cpu: dict[int, list[float]] = {t: [] for t in tokens}
     t_start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - t_start < seconds and rounds < 1000):
         for t in tokens:
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             kernels[t]()
-            times[t].append(time.perf_counter() - t0)
+            wall[t].append(time.perf_counter() - t0)
+            cpu[t].append(time.thread_time() - c0)
         rounds += 1
     _sync_all()
-    return [(int(t), gemm_flops(hidden, ffn, t, activation) / statistics.median(times[t]) / 1e12,
-             len(times[t])) for t in tokens]
+    return throughput_rows(hidden, ffn, activation, wall, cpu if single else None)
+
+
+def throughput_rows(hidden: int, ffn: int, activation: str, wall: dict[int, list[float]],
+                    cpu: Optional[dict[int, list[float]]]) -> dict[str, Any]:
+    """TFLOP/s from the median times per token count (see :func:`measure_gemm`)."""
+    def rate(t: int, ts: list[float]) -> float:
+        return gemm_flops(hidden, ffn, t, activation) / max(statistics.median(ts), 1e-9) / 1e12
+
+    tokens = sorted(wall)
+    return {"tokens": tokens, "wall": [rate(t, wall[t]) for t in tokens],
+            "cpu": [rate(t, cpu[t]) for t in tokens] if cpu else None,
+            "reps": [len(wall[t]) for t in tokens]}
 
 
 def _pingpong(peer: int, initiator: bool, nbytes: int, seconds: float) -> tuple[float, int]:
@@ -291,7 +320,7 @@ def _exchange(peer: int, nbytes: int, seconds: float) -> tuple[float, int]:
 
     def once() -> float:
         t0 = time.perf_counter()
-        ops = [dist.isend(send, peer), dist.irecv(recv, peer)]
+        ops = [dist.irecv(recv, peer), dist.isend(send, peer)]  # receive posted first
         for op in ops:
             op.wait()
         return time.perf_counter() - t0
@@ -368,9 +397,11 @@ def node_layout(args: argparse.Namespace, rank: int, world: int) -> tuple[list[i
 
 
 def summarize(gemm_by_rank: list[dict[str, dict[str, list]]], links: dict, nodes: list[int],
-              hosts: list[str], mode: str = "exchange", curve: str = "mlp") -> dict[str, Any]:
+              hosts: list[str], mode: str = "pingpong", curve: str = "mlp",
+              clock: str = "cpu") -> dict[str, Any]:
     """Combine the per-rank measurements into the values written to the YAML; ``mode``
-    (exchange | pingpong) picks the link bandwidth, ``curve`` (mlp | gemm) the throughput."""
+    (exchange | pingpong) picks the link bandwidth, ``curve`` (mlp | gemm) the throughput
+    kernel, ``clock`` (cpu | wall) its clock (wall where no CPU time was measured)."""
     node_ids = sorted(set(nodes))
     per_node = [nodes.count(n) for n in node_ids]
     if len(set(per_node)) != 1:
@@ -379,13 +410,19 @@ def summarize(gemm_by_rank: list[dict[str, dict[str, list]]], links: dict, nodes
     def curves(kind: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for dtype in sorted(gemm_by_rank[0][kind]):
-            rows = [g[kind][dtype] for g in gemm_by_rank]
+            per_rank = [g[kind][dtype] for g in gemm_by_rank]
+            use = clock if all(r["cpu"] for r in per_rank) else "wall"
             curve = []
-            for i, (t, _, reps) in enumerate(rows[0]):
-                vals = [r[i][1] for r in rows]
-                curve.append({"tokens": t, "tflops": statistics.fmean(vals), "reps": reps,
-                              "tflops_min_rank": min(vals), "tflops_max_rank": max(vals)})
-            out[dtype] = {"curve": curve, "tflops": curve[-1]["tflops"]}
+            for i, t in enumerate(per_rank[0]["tokens"]):
+                vals = [r[use][i] for r in per_rank]
+                point = {"tokens": t, "tflops": statistics.fmean(vals),
+                         "tflops_min_rank": min(vals), "tflops_max_rank": max(vals),
+                         "reps": per_rank[0]["reps"][i],
+                         "wall_tflops": statistics.fmean(r["wall"][i] for r in per_rank)}
+                if use == "cpu":
+                    point["cpu_tflops"] = point["tflops"]
+                curve.append(point)
+            out[dtype] = {"curve": curve, "tflops": curve[-1]["tflops"], "clock": use}
         return out
 
     gemm_all = {kind: curves(kind) for kind in sorted(gemm_by_rank[0])}
@@ -414,6 +451,13 @@ def summarize(gemm_by_rank: list[dict[str, dict[str, list]]], links: dict, nodes
             "inter": agg([p for p in pairs if not p["intra"]])}
 
 
+def _fmt_rows(rows: dict[str, Any]) -> str:
+    """``T: wall/cpu`` TFLOP/s pairs of one :func:`measure_gemm` result."""
+    cpu = rows["cpu"] or [None] * len(rows["tokens"])
+    return ", ".join(f"{t}: {w:.4f}/{'-' if c is None else f'{c:.4f}'}"
+                     for t, w, c in zip(rows["tokens"], rows["wall"], cpu))
+
+
 def _fmt(x: float) -> str:
     """Compact number for the YAML (4 significant digits)."""
     return f"{x:.4g}"
@@ -440,17 +484,22 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
     if extra.get("emulation"):
         hdr.append(f"# under scripts/emulate_cluster.py: {extra['emulation']}")
     hdr.append(f"# Expert MLP fwd+bwd, H={args.hidden}, F={args.ffn}, {args.activation}, on all "
-               "workers at once; TFLOP/s = GEMM FLOPs (12 T H F) / median time, mean over ranks:")
+               "workers at once; TFLOP/s = GEMM FLOPs (12 T H F) / median time, mean over "
+               "ranks, by tokens T, 'wall clock / CPU time of the computing thread':")
     kinds = {"gemm": "bare GEMMs (6 torch.mm)",
              "mlp": "MLP as trained (fc1, activation, fc2, autograd backward)"}
     for kind in sorted(m["gemm_all"]):
         for dtype, g in sorted(m["gemm_all"][kind].items()):
-            pts = ", ".join(f"{c['tokens']}: {c['tflops']:.4f}" for c in g["curve"])
-            hdr.append(f"#   {kind} {dtype} by tokens {{{pts}}}")
+            pts = ", ".join(f"{c['tokens']}: {c['wall_tflops']:.4f}"
+                            + (f"/{c['cpu_tflops']:.4f}" if "cpu_tflops" in c else "")
+                            for c in g["curve"])
+            hdr.append(f"#   {kind} {dtype}: {{{pts}}}")
         hdr.append(f"#     ({kind}: {kinds[kind]})")
-    hdr.append(f"#   written as gemm_tflops / gemm_curve: the {m['curve_kind']} values"
-               + "".join(f"; {d} copied from {g['copied_from']} (not measured)"
-                         for d, g in sorted(gemm.items()) if g.get("copied_from")))
+    clocks = sorted({g["clock"] for g in m["gemm"].values()})
+    hdr.append(f"#   written as gemm_tflops / gemm_curve: {m['curve_kind']}, "
+               f"{' / '.join(clocks)} clock" + "".join(
+                   f"; {d} copied from {g['copied_from']} (not measured)"
+                   for d, g in sorted(gemm.items()) if g.get("copied_from")))
     hdr.append("# Links, one pair at a time; bandwidth = largest message / (time - time of the "
                "smallest), one direction:")
     hdr.append("#   ping-pong = blocking send/recv round trip / 2 (other direction idle); "
@@ -464,11 +513,16 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
                 f"written: {a['mode']} {a['gbps']:.3f} (pairs min {a['gbps_min']:.3f}, "
                 f"max {a['gbps_max']:.3f})")
     hdr.append(f"#   message sizes (bytes): {', '.join(str(s) for s in args.sizes)}")
-    hdr.append("# Topology written: every worker hangs off one vertex 'host' at the intra-node "
-               "bandwidth" + ("; one NIC on 'host' at the inter-node bandwidth." if nn > 1 else "."))
-    hdr.append("# Numbers are noisy on a shared machine: re-run calibrate.py before relying on them.")
+    topo = ("every worker hangs off one vertex 'host' at the intra-node bandwidth"
+            if mw > 1 else "one worker per node")
+    if nn > 1:
+        topo += f"; one NIC on '{'host' if mw > 1 else 'w0'}' at the inter-node bandwidth"
+    hdr.append(f"# Topology written: {topo}.")
+    hdr.append("# Wall-clock numbers are noisy on a shared machine: re-run calibrate.py before "
+               "relying on them.")
     desc = (f"{nn} node(s) x {mw} process(es), measured by scripts/calibrate.py on "
-            f"{now.split()[0]}" + (" under the network emulator" if extra.get("emulation") else ""))
+            f"{now.split()[0]}"
+            + (" under the network emulator" if extra.get("emulation") else ""))
     lines = hdr + [
         f"name: {name}",
         f"description: {json.dumps(desc)}",
@@ -516,19 +570,24 @@ def compare_rows(m: dict[str, Any], cluster: str, scale: float) -> list[dict[str
         if dtype in spec.gemm_tflops:
             rows.append({"what": f"GEMM {dtype} (TFLOP/s)", "measured": g["tflops"],
                          "described": spec.gemm_tflops[dtype] * scale,
-                         "note": "by construction with --scale auto" if scale != 1 else ""})
+                         "note": "equal to the local rate only with --scale auto"
+                         if scale != 1 else ""})
     if m["intra"]:
         link = intra_node_link(spec) if spec.workers_per_node > 1 else None
         if link is None:
             rows.append({"what": "intra-node (Gbit/s)", "measured": m["intra"]["gbps"],
                          "described": None, "note": "cluster has 1 worker per node"})
         else:
-            for mode in ("exchange", "pingpong"):
+            for mode in ("pingpong", "exchange"):
+                checked = mode == m["intra"]["mode"]
+                note = ("memory-like: not rate-limited by the emulator"
+                        if link.memory and scale != 1 else "")
+                if not checked:
+                    note = "; ".join(x for x in (note, "informational") if x)
                 rows.append({"what": f"intra-node {link.kind} {mode} (Gbit/s)",
                              "measured": m["intra"][f"{mode}_gbps"],
-                             "described": link.gbps * scale,
-                             "note": "memory-like: not rate-limited by the emulator"
-                             if link.memory and scale != 1 else ""})
+                             "described": link.gbps * scale, "checked": checked,
+                             "note": note})
     if m["inter"]:
         try:
             nic = node_nic_gbps(spec, m["workers_per_node"])
@@ -536,10 +595,11 @@ def compare_rows(m: dict[str, Any], cluster: str, scale: float) -> list[dict[str
             rows.append({"what": "inter-node NIC (Gbit/s)", "measured": m["inter"]["gbps"],
                          "described": None, "note": str(exc)})
         else:
-            for mode in ("exchange", "pingpong"):
+            for mode in ("pingpong", "exchange"):
                 rows.append({"what": f"inter-node NIC {mode} (Gbit/s)",
                              "measured": m["inter"][f"{mode}_gbps"],
-                             "described": nic * scale, "note": ""})
+                             "described": nic * scale, "checked": mode == m["inter"]["mode"],
+                             "note": "" if mode == m["inter"]["mode"] else "informational"})
     for r in rows:
         d = r["described"]
         r["ratio"] = r["measured"] / d if d else None
@@ -560,7 +620,8 @@ def format_compare(rows: list[dict[str, Any]], cluster: str, scale: float,
             verdict = f"OK (within {tolerance:.0%})"
         else:
             verdict = f"OFF by {ratio - 1:+.0%}"
-            if "GEMM" not in r["what"] and "memory-like" not in r["note"]:
+            if ("GEMM" not in r["what"] and "memory-like" not in r["note"]
+                    and r.get("checked", True)):
                 ok = False
         out.append(f"{r['what']:<36} {r['measured']:12.4g} "
                    f"{('-' if d is None else f'{d:.4g}'):>12} "
@@ -573,12 +634,18 @@ def format_compare(rows: list[dict[str, Any]], cluster: str, scale: float,
 
 
 def _command(args: argparse.Namespace) -> str:
-    launcher = ("torchrun" if "TORCHELASTIC_RUN_ID" in os.environ or "GROUP_RANK" in os.environ
-                else "python")
-    if os.environ.get("MMX_EMULATION_CLUSTER"):
-        launcher = "scripts/emulate_cluster.py ... --"
-    world = os.environ.get("WORLD_SIZE", str(args.nproc))
-    return f"{launcher} (world {world}) scripts/calibrate.py {shlex.join(args.argv)}".strip()
+    """The command line that ran this calibration (launcher reconstructed from the env)."""
+    own = f"scripts/calibrate.py {shlex.join(args.argv)}".strip()
+    env = os.environ
+    if env.get("MMX_EMULATION_CLUSTER"):
+        return (f"scripts/emulate_cluster.py --cluster {env['MMX_EMULATION_CLUSTER']} --scale "
+                f"{env.get('MMX_EMULATION_SCALE', '?')} ... -- {own}")
+    if "TORCHELASTIC_RUN_ID" in env or "GROUP_RANK" in env:
+        lws = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        nnodes = int(env.get("WORLD_SIZE") or lws) // max(1, lws)
+        return (f"torchrun{f' --nnodes {nnodes}' if nnodes > 1 else ''} --nproc-per-node "
+                f"{lws} {own}")
+    return f"python {own}" + ("" if "--nproc" in args.argv else f"  (spawned {args.nproc})")
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -605,9 +672,9 @@ def worker(args: argparse.Namespace) -> int:
             rows = measure_gemm(args.hidden, args.ffn, args.tokens, dtype, args.gemm_seconds,
                                 kind, args.activation, 2 if args.quick else 3)
             gemm.setdefault(kind, {})[dtype] = rows
-            logger.info("%s %s (rank %d, TFLOP/s by tokens): %s  [%d rounds, %.1f s]", kind,
-                        dtype, rank, ", ".join(f"{t}: {tf:.4f}" for t, tf, _ in rows),
-                        rows[0][2], time.perf_counter() - t0)
+            logger.info("%s %s (rank %d, TFLOP/s by tokens, wall / cpu): %s  [%d rounds, "
+                        "%.1f s]", kind, dtype, rank, _fmt_rows(rows), rows["reps"][0],
+                        time.perf_counter() - t0)
     if args.pairs == "all":
         pairs = [(a, b) for a in range(world) for b in range(a + 1, world)]
     else:
@@ -625,7 +692,7 @@ def worker(args: argparse.Namespace) -> int:
         for g in gathered:
             all_links.update(g["links"])
         m = summarize([g["gemm"] for g in gathered], all_links, nodes, hosts, args.bandwidth,
-                      args.curve)
+                      args.curve, args.clock)
         rc = report(m, args, {"threads": torch.get_num_threads(), "torch": torch.__version__,
                               "loadavg": load, "emulation": _emulation()})
     rc_t = torch.tensor([rc])

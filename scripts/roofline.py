@@ -144,12 +144,12 @@ def analyse(path: str, args: argparse.Namespace) -> tuple[list, list[dict[str, A
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    hdr = (f"{'model':<16} {'cluster':<8} {'skew':>4} {'ld max':>6} {'R_CC':>6} {'sync ms':>8} "
+    hdr = (f"{'model':<16} {'cluster':<10} {'skew':>4} {'ld max':>6} {'R_CC':>6} {'sync ms':>8} "
            f"{'smart':>6} {'shadow':>6} {'both':>6} {'bound':>6}  shadows")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         lines.append(
-            f"{r['model']:<16} {r['cluster']:<8} {r['skew']:4g} "
+            f"{r['model']:<16} {r['cluster']:<10} {r['skew']:4g} "
             f"{r['expert_load_max_over_mean']:6.2f} {r['r_cc']:6.2f} {r['sync_ms']:8.2f} "
             f"{r['smart_speedup']:5.2f}x {r['shadow_speedup']:5.2f}x "
             f"{r['smart+shadow_speedup']:5.2f}x {r['bound_smart']:5.2f}x  "

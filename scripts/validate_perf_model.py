@@ -56,10 +56,11 @@ logger = logging.getLogger("validate_perf_model")
 
 IMPLS = ("megatron", "fastermoe")
 DEFAULT_SKEWS = (0.0, 1.0, 2.0, 3.0)
-# (hidden H, expert ffn F, tokens per rank T): per-rank fwd+bwd GEMM work 12 k T H F (k = 2)
-# from 0.8 to 13 GFLOP, i.e. ~0.03 to ~0.5 s per layer on one shared CPU core.
-DEFAULT_SIZES = ((128, 256, 1024), (256, 512, 512), (256, 512, 2048), (384, 768, 1024),
-                 (512, 1024, 512), (512, 1024, 1024))
+# (hidden H, expert ffn F, tokens per rank T): per-rank fwd+bwd GEMM work 12 k T H F (k = 2,
+# balanced) from 3.2 to 14.5 GFLOP (x up to 1.7 on the hot worker when skewed), i.e. ~40 to
+# ~300 ms per layer on one core of this machine (alpha = F / H is 2, and 4 for the first).
+DEFAULT_SIZES = ((128, 512, 2048), (256, 512, 1024), (256, 512, 2048), (384, 768, 1024),
+                 (512, 1024, 512), (512, 1024, 1024), (768, 1536, 512))
 QUICK_SKEWS = (0.0, 2.0)
 QUICK_SIZES = ((64, 128, 256), (128, 256, 256))
 
@@ -113,6 +114,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: cores / processes)")
     p.add_argument("--seed", type=int, default=1234, help="seed (default: %(default)s)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="which measured time is compared (both are always measured and "
+                        "reported): wall = wall clock; cpu = process CPU time (all threads, "
+                        "gloo's included); per iteration the max over ranks, then the median. "
+                        "On a machine shared with other jobs the wall clock mostly measures "
+                        "their load; CPU time is what the layer costs when it has its cores "
+                        "(default: %(default)s)")
     p.add_argument("--recalibrate", action="store_true",
                    help="calibrate in the same run: calibrate.py's expert-MLP throughput curve "
                         "(one pass over its token counts in every timed round, interleaved with "
@@ -128,6 +136,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--calib-hidden", type=int, default=512,
                    help="H of the --recalibrate curve's MLP (F = 2H) (default: %(default)s)")
     p.add_argument("--out-png", metavar="PNG", help="scatter plot of measured vs predicted")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: reprint the table and redraw --out-png from the JSON "
+                        "of an earlier run")
     p.add_argument("--json", metavar="PATH", help="write r2, summary and per-point rows")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
     args = p.parse_args(argv)
@@ -232,8 +243,17 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: str, title: 
         ax.set_ylim(lo, hi)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.tick_params(which="minor", labelsize=7)
     ax.set_xlabel("predicted fwd+bwd (ms)")
-    ax.set_ylabel("measured fwd+bwd (ms, median)")
+    clock = rows[0].get("clock", "wall") if rows else "wall"
+    ax.set_ylabel(f"measured fwd+bwd (ms, median, {'CPU time' if clock == 'cpu' else 'wall'})")
     ax.set_title(f"{title}\nR² = {summary['r2']:.3f} over {summary['points']} points "
                  f"(log-space R² {summary.get('r2_log', float('nan')):.3f})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -257,7 +277,8 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
             f"{(pred or float('nan')) * 1e3:12.2f} "
             f"{(r['measured_s'] / pred if pred else float('nan')):6.2f}")
     s = summary
-    lines.append(f"R^2 = {s['r2']:.4f} over {s['points']} points "
+    lines.append(f"R^2 = {s['r2']:.4f} ({rows[0]['clock'] if rows else '?'} clock) over "
+                 f"{s['points']} points "
                  f"({len({r['config_id'] for r in rows})} configurations x 2 implementations); "
                  f"log-space R^2 {s.get('r2_log', float('nan')):.4f}; MAPE "
                  f"{s.get('mape', float('nan')):.1%}; measured / predicted median "
@@ -383,13 +404,16 @@ def worker(args: argparse.Namespace) -> None:
         case = cases[cid]
         pred = case["prediction"].get(source) or case["prediction"]["cluster"]
         pred = pred[name]
+        chosen = cpu if args.clock == "cpu" else tot
         row = dict(
             case["conf"], config_id=cid, impl=name, schedule=pred["schedule"],
-            group_size=pred["group_size"], measured_s=statistics.median(tot),
-            measured_min_s=min(tot), measured_max_s=max(tot),
-            measured_fwd_s=statistics.median(it[0] for it in its),
-            measured_bwd_s=statistics.median(it[1] for it in its),
-            measured_cpu_s=statistics.median(cpu), measured_iters_s=tot,
+            group_size=pred["group_size"], clock=args.clock,
+            measured_s=statistics.median(chosen), measured_min_s=min(chosen),
+            measured_max_s=max(chosen), measured_iters_s=chosen,
+            measured_wall_s=statistics.median(tot), measured_cpu_s=statistics.median(cpu),
+            measured_wall_fwd_s=statistics.median(it[0] for it in its),
+            measured_wall_bwd_s=statistics.median(it[1] for it in its),
+            measured_wall_iters_s=tot, measured_cpu_iters_s=cpu,
             predicted_s=pred["fwd_bwd_s"], predicted_fwd_s=pred["fwd_s"],
             predicted_bwd_s=pred["bwd_s"], predicted_comp_s=pred["comp_s"],
             predicted_comm_s=pred["comm_s"],
@@ -404,9 +428,16 @@ def worker(args: argparse.Namespace) -> None:
         summary = summarize(rows)
         pred_yaml = inrun_yaml or str(args.cluster)
         print(format_table(rows, summary), flush=True)
+        other = "wall" if args.clock == "cpu" else "cpu"
+        summary_other = summarize([dict(r, measured_s=r[f"measured_{other}_s"]) for r in rows])
+        print(f"with the {other} clock instead: R^2 = {summary_other['r2']:.4f}, log-space R^2 "
+              f"{summary_other['r2_log']:.4f}, measured / predicted median "
+              f"{summary_other['ratio_measured_over_predicted_median']:.3f}", flush=True)
         result = {
-            "r2": summary["r2"], "points": summary["points"],
+            "r2": summary["r2"], "points": summary["points"], "clock": args.clock,
+            f"r2_{args.clock}": summary["r2"], f"r2_{other}": summary_other["r2"],
             "configurations": len(cases), "summary": summary,
+            f"summary_{other}": summary_other,
             "prediction_source": ("in-run calibration (--recalibrate), "
                                   f"{inrun_yaml}" if inrun_yaml else f"--cluster {args.cluster}"),
             "cluster": pred_yaml, "cluster_yaml_header": _yaml_header(pred_yaml),
@@ -471,6 +502,7 @@ class InRunCalibration:
         for k in self.kernels.values():
             k()
         self.times: dict[int, list[float]] = {t: [] for t in self.cargs.tokens}
+        self.cpu: dict[int, list[float]] = {t: [] for t in self.cargs.tokens}
         self.nodes, self.hosts = self.cal.node_layout(self.cargs, rank, world)
         pairs = [(a, b) for a in range(world) for b in range(a + 1, world)]
         self.links = self.cal.measure_links(pairs, self.cargs.sizes, self.cargs.p2p_seconds)
@@ -482,18 +514,19 @@ class InRunCalibration:
 
         dist.barrier()
         for t, k in self.kernels.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             k()
             self.times[t].append(time.perf_counter() - t0)
+            self.cpu[t].append(time.thread_time() - c0)
 
     def finish(self) -> Optional[str]:
         """Gather, summarise and (rank 0) write the cluster YAML; returns its path on rank 0."""
         import torch
         import torch.distributed as dist
 
-        rows = [(t, self.cal.gemm_flops(self.cargs.hidden, self.cargs.ffn, t,
-                                        self.cargs.activation)
-                 / statistics.median(ts) / 1e12, len(ts)) for t, ts in self.times.items()]
+        rows = self.cal.throughput_rows(self.cargs.hidden, self.cargs.ffn, self.cargs.activation,
+                                        self.times,
+                                        self.cpu if torch.get_num_threads() == 1 else None)
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, {"gemm": {"mlp": {self.dtype: rows}},
                                           "links": self.links})
@@ -503,7 +536,7 @@ class InRunCalibration:
         for g in gathered:
             links.update(g["links"])
         m = self.cal.summarize([g["gemm"] for g in gathered], links, self.nodes, self.hosts,
-                               self.cargs.bandwidth, "mlp")
+                               self.cargs.bandwidth, "mlp", self.args.clock)
         out = self.args.recalibrate_out
         if out is None:
             out = (str(Path(self.args.json).with_suffix("")) + ".cluster.yaml" if self.args.json
@@ -515,8 +548,8 @@ class InRunCalibration:
             "loadavg": self.load, "emulation": None})
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text, encoding="utf-8")
-        logger.info("in-run calibration: %s TFLOP/s by tokens %s; link %.3f Gbit/s; wrote %s",
-                    self.dtype, ", ".join(f"{t}: {tf:.4f}" for t, tf, _ in rows),
+        logger.info("in-run calibration: %s TFLOP/s by tokens (wall/cpu) %s; link %.3f "
+                    "Gbit/s; wrote %s", self.dtype, self.cal._fmt_rows(rows),
                     m["intra"]["gbps"] if m["intra"] else float("nan"), out)
         return out
 
@@ -550,8 +583,24 @@ def _spawn_entry(rank: int, world: int, port: int, args: argparse.Namespace) -> 
     worker(args)
 
 
+def replot(args: argparse.Namespace) -> int:
+    """--from-json: table (and --out-png) from an earlier run's JSON."""
+    data = json.loads(Path(args.from_json).read_text())
+    rows, summary = data["rows"], data["summary"]
+    print(format_table(rows, summary))
+    if args.out_png:
+        label = ("in-run calibration" if "in-run" in data.get("prediction_source", "")
+                 else Path(str(data.get("cluster", "?"))).stem)
+        print("wrote", plot(rows, summary, args.out_png,
+                            f"perf model vs measured layer, EP={data.get('world_size', '?')}, "
+                            f"P and W: {label}"))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return replot(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.world_size = int(os.environ["WORLD_SIZE"])
         worker(args)

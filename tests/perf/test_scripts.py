@@ -12,6 +12,7 @@ import sys
 import pytest
 import yaml
 
+from megatron_moe_ext.emulation.netns import intra_node_link
 from megatron_moe_ext.perf.topology import build_topology, load_cluster
 from tests.helpers import REPO, torchrun
 
@@ -48,7 +49,10 @@ def test_calibrate_quick_under_torchrun_writes_loadable_cluster(tmp_path):
     # --compare printed measured vs described for GEMM and the intra-node link
     assert "measured vs described (local-cpu" in proc.stdout
     rows = data["compare"]["rows"]
-    assert any("intra-node" in r["what"] and r["described"] == 20 for r in rows)
+    described = intra_node_link(load_cluster("local-cpu")).gbps
+    intra = [r for r in rows if r["what"].startswith("intra-node")]
+    assert [r["described"] for r in intra] == pytest.approx([described, described])
+    assert [r["checked"] for r in intra] == [True, False]  # ping-pong checked, exchange info
 
 
 def test_calibrate_workers_per_node_makes_a_two_node_cluster(tmp_path):

@@ -131,7 +131,8 @@ def test_bundled_clusters_load() -> None:
     assert [ln.kind for ln in dgx.path(0, 13)] == ["nic", "nic"]  # one NIC per GPU
     assert [ln.kind for ln in dgx.path(0, 1)] == ["nvlink", "nvlink"]  # never via the NIC
     local = build_topology("local-cpu")
-    assert local.num_workers == 2 and local.net_bandwidth() == pytest.approx(20 * GBIT)
+    # written by scripts/calibrate.py (measured loopback rate): a plausible single-node value
+    assert local.num_workers == 2 and 1 * GBIT < local.net_bandwidth() < 1000 * GBIT
 
 
 def _base() -> dict:
