@@ -16,6 +16,17 @@ receive); all medians of the per-iteration max over ranks, measured in the same 
 ratio_fwd_bwd (megatron / fastermoe); bound_fraction_schedule = (achieved - 1) / (bound - 1)
 when bound > 1 (1.0: the schedule gets all the overlap the bound allows; <= 0: no gain).
 
+Shadow experts (--shadow never|predictor|top_k, --shadow-max-experts N for top_k) are applied to
+the FasterMoE layer (moe.fastermoe.shadow.*); the sets it chose in the timed iterations
+(`last_shadows`) are reported as `shadows` (distinct sets), and its predicted_fwd_bwd_s is the
+median of the layer's own `last_predicted_s` (smart schedule with those shadows).
+
+Balance bound (--skew > 0 with megatron timed): stock Megatron is also timed on exactly balanced
+routing (skew 0, same sizes and token count), interleaved in the same iterations.
+balance_bound = megatron skewed fwd+bwd / megatron balanced fwd+bwd (what perfect balancing
+would give stock Megatron); bound_fraction = ratio_fwd_bwd (megatron / fastermoe, skewed) /
+balance_bound (1.0: FasterMoE on skewed routing is as fast as stock Megatron on balanced routing).
+
 Starts its own processes (torch.multiprocessing spawn, gloo, the CPU runtime) or, when RANK and
 WORLD_SIZE are set, runs as one rank under torchrun. Pure expert parallelism: EP = world size.
 
@@ -33,10 +44,8 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -71,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Zipf exponent of the forced routing over experts (expert 0 hottest): "
                         "0 = exactly balanced; identical for both implementations "
                         "(default: %(default)s)")
+    p.add_argument("--shadow", choices=["never", "predictor", "top_k"], default="never",
+                   help="FasterMoE shadow-expert policy, moe.fastermoe.shadow.policy "
+                        "(default: %(default)s)")
+    p.add_argument("--shadow-max-experts", type=int, default=1, metavar="N",
+                   help="with --shadow top_k: experts shadowed every iteration, "
+                        "moe.fastermoe.shadow.max_experts (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=1,
                    help="FasterMoE smart-schedule group size g, must divide the world size "
                         "(default: %(default)s)")
@@ -87,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "DIR/timeline.png")
     p.add_argument("--cluster", default=str(DEFAULT_CLUSTER),
                    help="cluster YAML (or name) for the performance-model prediction "
-                        "(default: configs/clusters/local-cpu.yaml, placeholder numbers)")
+                        "(default: configs/clusters/local-cpu.yaml, calibrated by scripts/calibrate.py)")
     p.add_argument("--seed", type=int, default=1234,
                    help="seed of weights, inputs and routing (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
@@ -105,30 +120,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------- launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_entry(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    worker(args)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        worker(args)
-        return 0
-    import torch.multiprocessing as mp
+    from megatron_moe_ext.runtime.launch import run_workers, under_torchrun
 
-    mp.start_processes(_spawn_entry, args=(args.world_size, _free_port(), args),
-                       nprocs=args.world_size, join=True, start_method="spawn")
-    return 0
+    if under_torchrun():
+        args.world_size = int(os.environ["WORLD_SIZE"])
+    return run_workers(worker, args.world_size, args)
 
 
 def _median(xs):
@@ -143,14 +141,17 @@ def _overrides(args, world: int) -> list[str]:
          f"model.seq_length={args.tokens}", f"moe.num_experts={args.experts}",
          f"moe.topk={args.topk}", f"parallel.expert={world}",
          f"moe.fastermoe.group_size={args.group_size}", f"train.precision={args.dtype}",
-         f"train.seed={args.seed}"]
+         f"train.seed={args.seed}", f"moe.fastermoe.shadow.policy={args.shadow}",
+         f"moe.fastermoe.shadow.max_experts={args.shadow_max_experts}",
+         f"moe.fastermoe.cluster={args.cluster}"]
     if args.topk == 1:
         o.append("moe.router.pre_softmax=true")
     return o + list(args.overrides)
 
 
-def predict(counts, args, world: int) -> dict:
-    """Performance-model predictions (sync for megatron, smart with g for fastermoe)."""
+def predict(counts, args, world: int, shadows=()) -> dict:
+    """Performance-model predictions (sync for megatron, smart with g and ``shadows`` for
+    fastermoe)."""
     import numpy as np
 
     from megatron_moe_ext.perf.model import predict_layer
@@ -166,8 +167,10 @@ def predict(counts, args, world: int) -> dict:
         for impl, schedule in (("megatron", "sync"), ("fastermoe", "smart")):
             pred = predict_layer(np.asarray(counts), None, args.hidden, args.ffn / args.hidden,
                                  None, topo, dtype=args.dtype, schedule=schedule,
-                                 group_size=args.group_size)
+                                 group_size=args.group_size,
+                                 shadow_experts=list(shadows) if impl == "fastermoe" else [])
             res[impl] = {"schedule": schedule, "group_size": pred.group_size,
+                         "shadows": list(shadows) if impl == "fastermoe" else [],
                          "fwd_s": pred.fwd_s, "bwd_s": pred.bwd_s, "fwd_bwd_s": pred.total_s,
                          "comp_s": pred.comp_s, "comm_s": pred.comm_s}
         res["note"] = (
@@ -238,6 +241,17 @@ def worker(args: argparse.Namespace) -> None:
     gy = torch.randn(args.tokens, 1, args.hidden, generator=gen).to(dtype).to(rt.device)
     routing_map, bias = lb.make_routing(args.tokens, args.experts, args.topk, args.skew,
                                         seed=args.seed * 1000 + rank)
+    # balance bound: stock Megatron also timed on balanced routing (its router re-forced)
+    balanced = args.skew > 0 and "megatron" in impls
+    runs = {name: (layers[name], bias) for name in impls}  # timed name -> (layer, logit bias)
+    if balanced:
+        bal_map, bal_bias = lb.make_routing(args.tokens, args.experts, args.topk, 0.0,
+                                            seed=args.seed * 1000 + rank)
+        lb.force_routing(stock, bal_bias)
+        err = lb.check_forced_routing(stock, x, bal_map)
+        if err:
+            raise RuntimeError(f"megatron (balanced): forced routing not honoured: {err}")
+        runs["megatron_balanced"] = (stock, bal_bias)
     for name, layer in layers.items():
         lb.force_routing(layer, bias)
         err = lb.check_forced_routing(layer, x, routing_map)
@@ -250,7 +264,11 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather(gathered, local, group=pg.ep)
     counts = torch.stack(gathered).tolist()
     results: dict = {"impls": {}, "routing": lb.describe_counts(counts, world)}
-    prediction = predict(counts, args, world)
+    if balanced:
+        local_b = bal_map.sum(dim=0).long()
+        gathered_b = [torch.empty_like(local_b) for _ in range(world)]
+        dist.all_gather(gathered_b, local_b, group=pg.ep)
+        bal_counts = torch.stack(gathered_b).tolist()
     e_l, wm = args.experts // world, results["routing"]["worker_matrix"]
     alone = lb.Alone(stock.experts,
                      [sum(counts[rank][w * e_l:(w + 1) * e_l]) for w in range(world)],  # send
@@ -262,6 +280,8 @@ def worker(args: argparse.Namespace) -> None:
     # alone timed in the same iterations so that all figures see the same machine load
     gc.disable()
     first_out, raw = {}, {}
+    shadow_sets, layer_pred = [], []  # FasterMoE layer's last_shadows / last_predicted_s
+    names = list(runs)
 
     def keep(key, region):
         raw.setdefault(key, []).append(region.wall)
@@ -269,12 +289,19 @@ def worker(args: argparse.Namespace) -> None:
 
     for it in range(args.warmup + args.iters):
         timed = it >= args.warmup
-        for name in (impls if it % 2 == 0 else impls[::-1]):
-            out, f, b = lb.time_layer(layers[name], x, gy, sync)
-            first_out.setdefault(name, out)
+        for name in (names if it % 2 == 0 else names[::-1]):
+            layer, lbias = runs[name]
+            if layer is stock and balanced:
+                lb.force_routing(layer, lbias)  # stock alternates skewed / balanced routing
+            out, f, b = lb.time_layer(layer, x, gy, sync)
+            if name in layers:
+                first_out.setdefault(name, out)
             if timed:
                 keep(f"{name}.fwd", f)
                 keep(f"{name}.bwd", b)
+                if name == "fastermoe":
+                    shadow_sets.append(list(faster.last_shadows))
+                    layer_pred.append(faster.last_predicted_s)
         a = alone.alltoall()
         f, b = alone.experts_fwd_bwd()
         if timed:
@@ -288,7 +315,22 @@ def worker(args: argparse.Namespace) -> None:
     flat = lb.max_over_ranks([v for key in keys for v in raw[key]])
     k = args.iters
     mx = {key: flat[i * k:(i + 1) * k] for i, key in enumerate(keys)}  # max over ranks
-    for name in impls:
+    distinct = []
+    for sh in shadow_sets:
+        if sh not in distinct:
+            distinct.append(sh)
+    results["shadow_policy"] = args.shadow
+    results["shadows"] = distinct  # distinct shadow sets chosen in the timed iterations
+    results["shadow_set_counts"] = [shadow_sets.count(sh) for sh in distinct]
+    prediction = predict(counts, args, world, distinct[0] if distinct else ())
+    layer_pred = [v for v in layer_pred if v is not None]
+    if "fastermoe" in prediction and layer_pred:
+        # the layer's own prediction of each timed call (fwd + bwd, with its shadows)
+        prediction["fastermoe"]["layer_fwd_bwd_s"] = _median(layer_pred)
+    if balanced:
+        pb = predict(bal_counts, args, world)
+        prediction["megatron_balanced"] = pb.get("megatron")
+    for name in names:
         fwd, bwd = mx[f"{name}.fwd"], mx[f"{name}.bwd"]
         tot = [a + b for a, b in zip(fwd, bwd)]
         cpu = [a + b for a, b in zip(mx[f"{name}.fwd_cpu"], mx[f"{name}.bwd_cpu"])]
@@ -297,8 +339,12 @@ def worker(args: argparse.Namespace) -> None:
             "fwd_bwd_s_min": min(tot), "fwd_bwd_s_max": max(tot),
             "cpu_fwd_s": _median(mx[f"{name}.fwd_cpu"]), "cpu_bwd_s": _median(mx[f"{name}.bwd_cpu"]),
             "cpu_fwd_bwd_s": _median(cpu),
-            "predicted_fwd_bwd_s": prediction.get(name, {}).get("fwd_bwd_s"),
+            "predicted_fwd_bwd_s": ((prediction.get(name) or {}).get("layer_fwd_bwd_s")
+                                    or (prediction.get(name) or {}).get("fwd_bwd_s")),
             "fwd_s_iters": fwd, "bwd_s_iters": bwd}
+    if balanced:  # kept out of "impls": its own key, with its routing
+        results["megatron_balanced"] = results["impls"].pop("megatron_balanced")
+        results["megatron_balanced"]["routing"] = lb.describe_counts(bal_counts, world)
     results["prediction"] = prediction
     if len(first_out) == 2:
         a, b = first_out["fastermoe"].double(), first_out["megatron"].double()
@@ -324,6 +370,24 @@ def worker(args: argparse.Namespace) -> None:
     achieved = ratio.get("fwd_bwd")
     frac = (achieved - 1) / (bound - 1) if achieved is not None and bound > 1 + 1e-9 else None
     results.update({f"ratio_{key}": v for key, v in ratio.items()})
+    results["balance_bound"] = results["bound_fraction"] = None
+    if balanced:
+        m, mb = results["impls"]["megatron"], results["megatron_balanced"]
+        results["balance_bound"] = m["fwd_bwd_s"] / mb["fwd_bwd_s"]
+        mt = [a + b for a, b in zip(m["fwd_s_iters"], m["bwd_s_iters"])]
+        bt = [a + b for a, b in zip(mb["fwd_s_iters"], mb["bwd_s_iters"])]
+        results["balance_bound_paired"] = _median([a / b for a, b in zip(mt, bt)])
+        # steadier under machine load: the same from process CPU times (max over ranks)
+        results["balance_bound_cpu"] = m["cpu_fwd_bwd_s"] / mb["cpu_fwd_bwd_s"]
+        results["balance_bound_min"] = m["fwd_bwd_s_min"] / mb["fwd_bwd_s_min"]
+        if achieved is not None:
+            results["bound_fraction"] = achieved / results["balance_bound"]
+            results["bound_fraction_paired"] = (results["ratio_fwd_bwd_paired"]
+                                                / results["balance_bound_paired"])
+            results["bound_fraction_cpu"] = (results["ratio_cpu_fwd_bwd"]
+                                             / results["balance_bound_cpu"])
+            results["bound_fraction_min"] = (results["ratio_fwd_bwd_min"]
+                                             / results["balance_bound_min"])
     results["bound_fraction_schedule"] = frac
     results["overlap"] = {
         "alltoall_s": a2a, "expert_fwd_s": c_fwd, "expert_bwd_s": c_bwd,
@@ -382,7 +446,10 @@ def format_table(r: dict) -> str:
         return f"{v * 1e3:10.2f}" if v is not None else f"{'-':>10}"
 
     lines = [f"{'impl':<10} {'fwd ms':>10} {'bwd ms':>10} {'fwd+bwd ms':>10} {'pred ms':>10}"]
-    for name, v in r["impls"].items():
+    rows = list(r["impls"].items())
+    if r.get("megatron_balanced"):
+        rows.append(("meg@bal", r["megatron_balanced"]))
+    for name, v in rows:
         lines.append(f"{name:<10} {ms(v['fwd_s'])} {ms(v['bwd_s'])} {ms(v['fwd_bwd_s'])} "
                      f"{ms(v.get('predicted_fwd_bwd_s'))}")
     if "ratio_fwd_bwd" in r:
@@ -391,6 +458,18 @@ def format_table(r: dict) -> str:
         lines.append(f"fwd+bwd ratio, paired per iteration {r['ratio_fwd_bwd_paired']:.3f}, of "
                      f"minima {r['ratio_fwd_bwd_min']:.3f}, of CPU times "
                      f"{r['ratio_cpu_fwd_bwd']:.3f}")
+    if r.get("balance_bound") is not None:
+        bf = r.get("bound_fraction")
+        lines.append(f"balance_bound (megatron skewed / balanced) {r['balance_bound']:.3f} "
+                     f"(paired {r['balance_bound_paired']:.3f}), bound_fraction "
+                     f"{'-' if bf is None else f'{bf:.3f}'}"
+                     + (f" (paired {r['bound_fraction_paired']:.3f})" if bf is not None else ""))
+        lines.append(f"from CPU times: balance_bound {r['balance_bound_cpu']:.3f}"
+                     + (f", bound_fraction {r['bound_fraction_cpu']:.3f}"
+                        if "bound_fraction_cpu" in r else ""))
+    if r.get("shadow_policy", "never") != "never" or r.get("shadows"):
+        sets = ", ".join(f"{s} x{n}" for s, n in zip(r["shadows"], r["shadow_set_counts"]))
+        lines.append(f"shadows ({r['shadow_policy']}): {sets or '-'}")
     o = r["overlap"]
     frac = r["bound_fraction_schedule"]
     lines.append(f"alone: all-to-all {o['alltoall_s'] * 1e3:.2f} ms, experts fwd "

@@ -770,33 +770,11 @@ def report(m: dict[str, Any], args: argparse.Namespace, extra: dict[str, Any]) -
 # ----------------------------------------------------------------------------------- launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_entry(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    rc = worker(args)
-    if rc:
-        raise SystemExit(rc)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return worker(args)
-    import torch.multiprocessing as mp
+    from megatron_moe_ext.runtime.launch import run_workers
 
-    try:
-        mp.start_processes(_spawn_entry, args=(args.nproc, _free_port(), args),
-                           nprocs=args.nproc, join=True, start_method="spawn")
-    except mp.ProcessExitedException as exc:
-        return exc.exit_code or 1
-    return 0
+    return run_workers(worker, args.nproc, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -570,19 +569,6 @@ def _yaml_header(cluster: str) -> list[str]:
 # ------------------------------------------------------------------------------------ launch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn_entry(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    worker(args)
-
-
 def replot(args: argparse.Namespace) -> int:
     """--from-json: table (and --out-png) from an earlier run's JSON."""
     data = json.loads(Path(args.from_json).read_text())
@@ -601,15 +587,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         return replot(args)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        worker(args)
-        return 0
-    import torch.multiprocessing as mp
+    from megatron_moe_ext.runtime.launch import run_workers, under_torchrun
 
-    mp.start_processes(_spawn_entry, args=(args.world_size, _free_port(), args),
-                       nprocs=args.world_size, join=True, start_method="spawn")
-    return 0
+    if under_torchrun():
+        args.world_size = int(os.environ["WORLD_SIZE"])
+    return run_workers(worker, args.world_size, args)
 
 
 if __name__ == "__main__":

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch.multiprocessing as mp
+from megatron_moe_ext.runtime.launch import free_port, spawn  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """An unused TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(
@@ -46,20 +38,3 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Records of a metrics JSON-lines file (training records only, not validation)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if "loss" in r]
-
-
-def _spawn_entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
-    fn(rank, world, *args)
-
-
-def spawn(fn: Callable, world: int, *args: Any) -> None:
-    """Run fn(rank, world, *args) in `world` fresh processes with the torchrun environment set.
-    `fn` must be importable (module level). Exceptions in any rank fail the caller."""
-    mp.start_processes(
-        _spawn_entry, args=(fn, world, free_port(), args), nprocs=world, join=True,
-        start_method="spawn",
-    )

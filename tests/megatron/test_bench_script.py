@@ -54,6 +54,29 @@ def test_bench_script_writes_json(tmp_path):
     assert len(r["traces"]) == 2 and all(os.path.isfile(p) for p in r["traces"])
 
 
+@pytest.mark.timeout(300)
+def test_bench_script_shadows_and_balance_bound(tmp_path):
+    out = tmp_path / "bench_shadow.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_moe_layer.py"), "--impl", "both",
+           "--world-size", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
+           "--experts", "4", "--topk", "2", "--skew", "2", "--shadow", "top_k",
+           "--shadow-max-experts", "1", "--iters", "2", "--warmup", "1", "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "balance_bound" in proc.stdout and "shadows (top_k)" in proc.stdout
+    r = json.loads(out.read_text())
+    # top_k with 1 expert on Zipf(2) routing: the hottest expert (0) in every timed iteration
+    assert r["shadows"] and r["shadows"][0] == [0], r["shadows"]
+    assert isinstance(r["balance_bound"], float) and r["balance_bound"] > 0
+    assert isinstance(r["bound_fraction"], float) and r["bound_fraction"] > 0
+    mb = r["megatron_balanced"]
+    assert mb["fwd_bwd_s"] > 0 and len(mb["fwd_s_iters"]) == 2
+    assert mb["routing"]["expert_loads"] == [64] * 4  # 2 ranks x 64 tokens x top-2 / 4 experts
+    assert r["impls"]["fastermoe"]["predicted_fwd_bwd_s"] > 0
+    assert r["max_rel_diff_out"] < 1e-5  # shadowing does not change the outputs
+
+
 def test_zipf_counts_balanced_and_capped():
     assert zipf_expert_counts(4096, 4, 1, 0.0).tolist() == [1024] * 4
     assert zipf_expert_counts(4096, 4, 2, 0.0).tolist() == [2048] * 4
