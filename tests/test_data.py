@@ -173,7 +173,7 @@ def test_gpt_datasets(corpus, kind):
     assert torch.equal(t2[5]["tokens"], train[5]["tokens"])
 
 
-def test_mock_gpt_with_null_tokenizer():
+def test_mock_gpt_with_none_tokenizer():
     cfg = load_config(None, ["data.mock=true", "data.tokenizer.type=none",
                              "model.vocab_size=128", "model.seq_length=32"])
     tok = D.build_tokenizer(cfg)
@@ -183,7 +183,7 @@ def test_mock_gpt_with_null_tokenizer():
     assert b["tokens"].shape == (2, 32) and int(b["tokens"].max()) < 128
     with pytest.raises(ConfigError, match="model.vocab_size"):
         D.build_tokenizer(load_config(None, ["data.mock=true", "data.tokenizer.type=none"]))
-    with pytest.raises(ConfigError, match="data.tokenizer.type=null"):
+    with pytest.raises(ConfigError, match="data.tokenizer.type=none"):
         D.build_tokenizer(load_config(None, ["data.mock=true"]))
 
 
