@@ -247,22 +247,12 @@ def worker(args: argparse.Namespace) -> None:
     if balanced:
         bal_map, bal_bias = lb.make_routing(args.tokens, args.experts, args.topk, 0.0,
                                             seed=args.seed * 1000 + rank)
-        lb.force_routing(stock, bal_bias)
-        err = lb.check_forced_routing(stock, x, bal_map)
-        if err:
-            raise RuntimeError(f"megatron (balanced): forced routing not honoured: {err}")
+        lb.apply_routing({"megatron": stock}, bal_bias, x, bal_map, what="balanced ")
         runs["megatron_balanced"] = (stock, bal_bias)
-    for name, layer in layers.items():
-        lb.force_routing(layer, bias)
-        err = lb.check_forced_routing(layer, x, routing_map)
-        if err:
-            raise RuntimeError(f"{name}: forced routing not honoured: {err}")
+    lb.apply_routing(layers, bias, x, routing_map)
 
     # the routing actually used (all-gathered [W, E] counts) and the model prediction
-    local = routing_map.sum(dim=0).long()
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local, group=pg.ep)
-    counts = torch.stack(gathered).tolist()
+    counts = lb.gather_counts(routing_map, pg.ep)
     results: dict = {"impls": {}, "routing": lb.describe_counts(counts, world)}
     if balanced:
         local_b = bal_map.sum(dim=0).long()

@@ -340,15 +340,8 @@ def worker(args: argparse.Namespace) -> None:
         routing_map, bias = lb.make_routing(conf["tokens"], args.experts, args.topk,
                                             conf["skew"], seed=args.seed * 1000 + rank)
         layers = {"megatron": stock, "fastermoe": faster}
-        for name, layer in layers.items():
-            lb.force_routing(layer, bias)
-            err = lb.check_forced_routing(layer, x, routing_map)
-            if err:
-                raise RuntimeError(f"config {conf}: {name}: forced routing not honoured: {err}")
-        local = routing_map.sum(dim=0).long()
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local, group=pg.ep)
-        counts = torch.stack(gathered).tolist()
+        lb.apply_routing(layers, bias, x, routing_map, what=f"config {conf}: ")
+        counts = lb.gather_counts(routing_map, pg.ep)
         pred = bench.predict(counts, bargs, world)
         if "error" in pred:
             raise RuntimeError(f"prediction failed for {conf}: {pred['error']}")

@@ -178,6 +178,24 @@ def check_forced_routing(layer: torch.nn.Module, hidden_states: torch.Tensor,
     return None if bad == 0 else f"{bad} tokens routed differently from the forced routing"
 
 
+def apply_routing(layers: dict[str, torch.nn.Module], bias: torch.Tensor,
+                  hidden_states: torch.Tensor, routing_map: torch.Tensor, what: str = "") -> None:
+    """Force `bias` as the routing of every layer in `layers` and check it took effect."""
+    for name, layer in layers.items():
+        force_routing(layer, bias)
+        err = check_forced_routing(layer, hidden_states, routing_map)
+        if err:
+            raise RuntimeError(f"{what}{name}: forced routing not honoured: {err}")
+
+
+def gather_counts(routing_map: torch.Tensor, group) -> list[list[int]]:
+    """The [W, E] routed-token counts of the expert-parallel group (all-gathered rows)."""
+    local = routing_map.sum(dim=0).long()
+    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, local, group=group)
+    return torch.stack(gathered).tolist()
+
+
 def describe_counts(counts: Any, num_workers: int) -> dict:
     """Summary of an all-gathered count matrix [W, E] (tokens worker w sends to expert e)."""
     c = np.asarray(counts, dtype=np.int64)
