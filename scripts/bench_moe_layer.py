@@ -227,6 +227,7 @@ def worker(args: argparse.Namespace) -> None:
     pg = ProcessGroupCollection.use_mpu_process_groups()
     cfg = lb.config_from_overrides(_overrides(args, world))
     stock, faster = lb.build_pair(cfg, pg, device=dev)
+    gated = cfg.moe.router.type == "topology_aware"  # the gate re-routes the forced routing
     layers = {"megatron": stock, "fastermoe": faster}
     impls = list(IMPLS) if args.impl == "both" else [args.impl]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -247,9 +248,9 @@ def worker(args: argparse.Namespace) -> None:
     if balanced:
         bal_map, bal_bias = lb.make_routing(args.tokens, args.experts, args.topk, 0.0,
                                             seed=args.seed * 1000 + rank)
-        lb.apply_routing({"megatron": stock}, bal_bias, x, bal_map, what="balanced ")
+        lb.apply_routing({"megatron": stock}, bal_bias, x, bal_map, what="balanced ", gated=gated)
         runs["megatron_balanced"] = (stock, bal_bias)
-    lb.apply_routing(layers, bias, x, routing_map)
+    lb.apply_routing(layers, bias, x, routing_map, gated=gated)
 
     # the routing actually used (all-gathered [W, E] counts) and the model prediction
     counts = lb.gather_counts(routing_map, pg.ep)

@@ -29,7 +29,6 @@ Notation: T tokens of this rank (S * B), E experts, k top-k, H hidden size.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Optional, Sequence
 
@@ -69,17 +68,18 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
     ``load_state_dict`` from the stock layer into the FasterMoE layer.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
-    from megatron_moe_ext.megatron.model import build_transformer_config
+    from megatron_moe_ext.megatron.model import _swap_moe, build_transformer_config
 
     tconf = build_transformer_config(cfg, device)
-    spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts).submodules.mlp
+    layer_spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts)
+    # the same spec swap the training models use: the router follows moe.router.type
+    spec = _swap_moe(layer_spec, MoELayer, cfg).submodules.mlp
+    fspec = _swap_moe(layer_spec, FasterMoELayer, cfg).submodules.mlp
     stock = build_module(spec, config=tconf, pg_collection=pg_collection)
-    fspec = copy.deepcopy(spec)
-    fspec.module = FasterMoELayer
-    fspec.params = dict(fspec.params or {}, moe_options=cfg.moe)
     faster = build_module(fspec, config=tconf, pg_collection=pg_collection)
     faster.load_state_dict(stock.state_dict())
     for layer in (stock, faster):
@@ -179,10 +179,23 @@ def check_forced_routing(layer: torch.nn.Module, hidden_states: torch.Tensor,
 
 
 def apply_routing(layers: dict[str, torch.nn.Module], bias: torch.Tensor,
-                  hidden_states: torch.Tensor, routing_map: torch.Tensor, what: str = "") -> None:
-    """Force `bias` as the routing of every layer in `layers` and check it took effect."""
+                  hidden_states: torch.Tensor, routing_map: torch.Tensor, what: str = "",
+                  gated: bool = False) -> None:
+    """Force `bias` as the routing logits of every layer in `layers` and check the result.
+
+    Without a gate the router must pick exactly `routing_map`. With the topology-aware gate
+    (`gated`), the router re-routes on purpose: `routing_map` is then replaced in place by the
+    gated routing, which must be the same for every layer."""
     for name, layer in layers.items():
         force_routing(layer, bias)
+        if gated:
+            with torch.no_grad():
+                _, got = layer.router(hidden_states)
+            got = got.to(device=routing_map.device, dtype=routing_map.dtype)
+            if name != next(iter(layers)) and not torch.equal(got, routing_map):
+                raise RuntimeError(f"{what}{name}: gated routing differs between layers")
+            routing_map.copy_(got)
+            continue
         err = check_forced_routing(layer, hidden_states, routing_map)
         if err:
             raise RuntimeError(f"{what}{name}: forced routing not honoured: {err}")

@@ -77,6 +77,27 @@ def test_bench_script_shadows_and_balance_bound(tmp_path):
     assert r["max_rel_diff_out"] < 1e-5  # shadowing does not change the outputs
 
 
+@pytest.mark.timeout(300)
+def test_bench_script_with_topology_gate(tmp_path):
+    """The gate re-routes the forced routing on purpose: the benchmark adopts the gated routing
+    (2 nodes of 1 worker, at most 25% of each worker's copies off-node) for both layers."""
+    out = tmp_path / "bench_gate.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_moe_layer.py"), "--impl", "both",
+           "--world-size", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
+           "--experts", "4", "--topk", "2", "--iters", "2", "--warmup", "1", "--json", str(out),
+           "--set", "moe.router.type=topology_aware", "--set", "moe.router.offnode_fraction=0.25",
+           "--set", "moe.router.workers_per_node=1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r = json.loads(out.read_text())
+    counts = r["routing"]["counts"]  # [W, E]: experts 0-1 on worker 0, 2-3 on worker 1
+    for w, row in enumerate(counts):
+        off = sum(row[2:]) if w == 0 else sum(row[:2])
+        assert off <= 0.25 * 64 * 2, (w, row)
+    assert r["max_rel_diff_out"] < 1e-5
+
+
 def test_zipf_counts_balanced_and_capped():
     assert zipf_expert_counts(4096, 4, 1, 0.0).tolist() == [1024] * 4
     assert zipf_expert_counts(4096, 4, 2, 0.0).tolist() == [2048] * 4
