@@ -116,12 +116,20 @@ class RouterConfig:
     """Router logits dtype: `fp32`, `fp64` or None (model dtype)."""
 
 
+SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
+"""Accepted values of moe.fastermoe.shadow.policy."""
+
+
 @dataclass
 class ShadowConfig:
     """FasterMoE dynamic shadow experts (replicate popular experts for one iteration)."""
 
     policy: str = "never"
-    """`never`, `predictor` (Algorithm 1 with the performance model) or `top_k`."""
+    """`never`; `predictor`: the paper's Algorithm 1 (greedy over the hottest experts, judged by
+    the synchronous formula 3 C + 4 A of the busiest worker, nothing hidden); `model`: the same
+    greedy judged by the full performance model's layer time with the smart schedule (knows
+    what the schedule already hides, so it does not shadow when the weight broadcast costs
+    more than the overlap leaves to gain); `top_k`: always the `max_experts` hottest."""
     max_experts: int = 1
     """With policy top_k: how many of the most loaded experts to shadow every iteration."""
 
@@ -316,7 +324,8 @@ class RuntimeConfig:
     backend: str = "auto"
     """torch.distributed backend: `auto` (nccl on cuda, gloo on cpu), `nccl` or `gloo`."""
     num_threads: Optional[int] = None
-    """CPU only: torch intra-op threads per process. Default: cores / local processes."""
+    """CPU only: torch intra-op threads per process. Default: OMP_NUM_THREADS when the launcher
+    set it (torchrun, the cluster emulator), else usable cores / local processes."""
     timeout_minutes: int = 10
     """Process-group timeout."""
 
@@ -484,7 +493,7 @@ def validate(cfg: Config) -> None:
     _choice("moe.router.dtype", moe.router.dtype, ["fp32", "fp64", None])
     if moe.router.type == "topology_aware":
         _validate_topology_gate(moe.router)
-    _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, ["never", "predictor", "top_k"])
+    _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, list(SHADOW_POLICIES))
     _positive("moe.num_experts", moe.num_experts)
     _positive("moe.topk", moe.topk)
     _positive("moe.layer_freq", moe.layer_freq)

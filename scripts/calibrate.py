@@ -23,13 +23,17 @@ slower on a CPU). The performance model interpolates the curve at the tokens of 
 Links: for every pair of workers (--pairs all) or rank 0 and every other rank (--pairs star),
 one pair at a time, for several message sizes: a ping-pong (blocking send / recv; one-way time
 = median round trip / 2, the other direction idle) and a simultaneous exchange (both sides
-isend + irecv at once, as in an all-to-all over a full-duplex link). Latency = time of the
+isend then irecv at once, as in an all-to-all, timed until both directions arrived). Latency = time of the
 smallest size; bandwidth = largest size / (time(largest) - latency), one direction, Gbit/s.
 --bandwidth picks which rate becomes the link bandwidth (default: pingpong, the link's rate;
-under the emulator it recovers the tbf rate within a few percent, while the exchange rate is
-noisy there because each direction's TCP ACKs queue behind the other direction's data; on the
-loopback the two directions share the cores and the exchange rate is ~half the ping-pong
-rate). Both are recorded in the header. Pairs on the same
+under the emulator it recovers the tbf rate within a few percent). With gloo the exchange rate
+is about half the ping-pong rate: when the sends are posted before the receives (as our
+exchange and gloo's all-to-all do), gloo moves the two directions of a worker pair one after
+the other (raw TCP between the same namespaces overlaps them, and so does gloo with the
+receives posted first; docs/emulation.md). The written file says ``duplex: half`` when
+exchange / ping-pong is below 0.7, and the performance model then charges a pair's exchange
+with both directions' bytes.
+Both rates are recorded in the header. Pairs on the same
 node are intra-node, the others inter-node. The node of a rank is GROUP_RANK (torchrun's node
 rank), else rank // --workers-per-node, else rank // LOCAL_WORLD_SIZE.
 
@@ -143,7 +147,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2,
                    help="processes to spawn when not started by torchrun (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: as training, cores / local "
+                   help="torch threads per process (default: as training, OMP_NUM_THREADS if set, else cores / local "
                         "processes)")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
     args = p.parse_args(argv)
@@ -274,6 +278,18 @@ def throughput_rows(hidden: int, ffn: int, activation: str, wall: dict[int, list
             "reps": [len(wall[t]) for t in tokens]}
 
 
+def _round_trip(buf: Any, peer: int, initiator: bool) -> None:
+    """``buf`` there and back with blocking send / recv (the initiator sends first)."""
+    import torch.distributed as dist
+
+    if initiator:
+        dist.send(buf, peer)
+        dist.recv(buf, peer)
+    else:
+        dist.recv(buf, peer)
+        dist.send(buf, peer)
+
+
 def _pingpong(peer: int, initiator: bool, nbytes: int, seconds: float) -> tuple[float, int]:
     """(median one-way seconds, reps) of a blocking ping-pong of ``nbytes`` with ``peer``."""
     import torch
@@ -297,36 +313,41 @@ def _pingpong(peer: int, initiator: bool, nbytes: int, seconds: float) -> tuple[
     rtts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        if initiator:
-            dist.send(buf, peer)
-            dist.recv(buf, peer)
-        else:
-            dist.recv(buf, peer)
-            dist.send(buf, peer)
+        _round_trip(buf, peer, initiator)
         rtts.append(time.perf_counter() - t0)
     return statistics.median(rtts) / 2.0, reps
 
 
 def _exchange(peer: int, nbytes: int, seconds: float) -> tuple[float, int]:
-    """(median seconds, reps) of a simultaneous exchange of ``nbytes`` each way (isend +
-    irecv on both sides): what one direction of a full-duplex link gets while the other
-    direction is busy, as in an all-to-all."""
+    """(median seconds, reps) of a simultaneous exchange of ``nbytes`` each way, until both
+    directions have arrived on both sides.
+
+    Sends are posted before receives, as FasterMoE's exchange and gloo's all-to-all do. With
+    gloo that order makes the two directions of a pair take turns, while receive-first
+    overlaps them (docs/emulation.md); the exchange should see what the workloads see. A
+    1-element handshake after the exchange makes every repetition last until the slower
+    direction is done on both ranks (otherwise the rank whose data came first would report
+    the fast direction alone).
+    """
     import torch
     import torch.distributed as dist
 
     send = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
     recv = torch.empty_like(send)
     ctl = torch.zeros(1, dtype=torch.int64)
+    tok = torch.zeros(1, dtype=torch.int64)
+    low = dist.get_rank() < peer
 
     def once() -> float:
         t0 = time.perf_counter()
-        ops = [dist.irecv(recv, peer), dist.isend(send, peer)]  # receive posted first
+        ops = [dist.isend(send, peer), dist.irecv(recv, peer)]  # send first, as the workloads
         for op in ops:
             op.wait()
+        _round_trip(tok, peer, low)
         return time.perf_counter() - t0
 
     first = once()  # warm-up; the lower rank decides the repetitions and tells the peer
-    if dist.get_rank() < peer:
+    if low:
         ctl[0] = int(min(200, max(3, seconds / max(first, 1e-6))))
         dist.send(ctl, peer)
     else:
@@ -463,6 +484,21 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+HALF_DUPLEX_RATIO = 0.7
+"""Exchange / ping-pong rate below which the written cluster says ``duplex: half``: the two
+directions of a pair took turns (gloo's TCP pairs: ~0.5) instead of overlapping (~0.9-1)."""
+
+
+def duplex_of(m: dict[str, Any]) -> tuple[str, Optional[float]]:
+    """(``full`` | ``half``, exchange / ping-pong rate) of the links that bound an all-to-all:
+    inter-node pairs when there are any, else intra-node pairs."""
+    a = m.get("inter") or m.get("intra")
+    if not a or not a.get("pingpong_gbps"):
+        return "full", None
+    ratio = a["exchange_gbps"] / a["pingpong_gbps"]
+    return ("half" if ratio < HALF_DUPLEX_RATIO else "full"), ratio
+
+
 def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command: str,
                  extra: dict[str, Any]) -> str:
     """The cluster YAML text (comment header + data) for the measurements ``m``."""
@@ -513,6 +549,10 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
                 f"written: {a['mode']} {a['gbps']:.3f} (pairs min {a['gbps_min']:.3f}, "
                 f"max {a['gbps_max']:.3f})")
     hdr.append(f"#   message sizes (bytes): {', '.join(str(s) for s in args.sizes)}")
+    duplex, dratio = duplex_of(m)
+    if dratio is not None:
+        hdr.append(f"#   exchange / ping-pong = {dratio:.2f} -> duplex: {duplex} (half below "
+                   f"{HALF_DUPLEX_RATIO}: the two directions of a pair took turns)")
     topo = ("every worker hangs off one vertex 'host' at the intra-node bandwidth"
             if mw > 1 else "one worker per node")
     if nn > 1:
@@ -528,6 +568,7 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
         f"description: {json.dumps(desc)}",
         f"nodes: {nn}",
         f"workers_per_node: {mw}",
+        f"duplex: {duplex}",
         "gemm_tflops:",
     ]
     for dtype in ("fp32", "bf16"):

@@ -111,7 +111,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--world-size", type=int, default=2,
                    help="processes to spawn (ignored under torchrun) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: cores / processes)")
+                   help="torch threads per process (default: OMP_NUM_THREADS if set, else cores / processes)")
     p.add_argument("--seed", type=int, default=1234, help="seed (default: %(default)s)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="which measured time is compared (both are always measured and "

@@ -1,5 +1,6 @@
 """Config schema: YAML + dotted overrides, validation errors that name the key and the fix."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,21 @@ def test_every_field_is_documented():
     assert len(rows) > 60
     undocumented = [key for key, _, doc in rows if not doc]
     assert not undocumented, undocumented
+
+
+def test_cpu_threads_default_honours_omp_num_threads(monkeypatch):
+    """runtime.num_threads > OMP_NUM_THREADS (set by torchrun / the emulator) > cores // local."""
+    from megatron_moe_ext.config import RuntimeConfig
+    from megatron_moe_ext.runtime.device import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads(RuntimeConfig(), 1) == cores
+    assert default_threads(RuntimeConfig(), cores * 2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads(RuntimeConfig(), 1) == 1  # one emulated node = one local process
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,2")  # nested levels: the outer one
+    assert default_threads(RuntimeConfig(), 1) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "junk")
+    assert default_threads(RuntimeConfig(), 1) == cores
+    assert default_threads(RuntimeConfig(num_threads=5), 1) == 5

@@ -28,14 +28,14 @@ loaded and nothing is ever shadowed. Here L_e is the column sum.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["as_counts", "expert_loads", "lat_imbl", "lat_with_shadows", "choose_shadows",
-           "top_k_shadows", "shadow_mask"]
+           "choose_shadows_by_cost", "top_k_shadows", "shadow_mask"]
 
 
 def as_counts(counts: Any) -> np.ndarray:
@@ -145,6 +145,31 @@ def choose_shadows(counts: Any, experts_per_worker: int, H: int, alpha: float,
         best, recv, comp = lat, new_recv, new_comp
         chosen.append(int(e))
     logger.debug("choose_shadows: %s (predicted %.3g s)", chosen, best)
+    return chosen
+
+
+def choose_shadows_by_cost(counts: Any, cost: Callable[[list[int]], float],
+                           max_experts: Optional[int] = None) -> list[int]:
+    """Algorithm 1's greedy with any cost function: add the next most loaded expert while
+    ``cost(shadows)`` (e.g. the full performance model's predicted layer time, which knows
+    what the smart schedule hides) strictly falls.
+
+    Same order, tie-breaks and stopping rule as :func:`choose_shadows`; experts with zero load
+    are never shadowed. Deterministic when ``cost`` is.
+    """
+    loads = expert_loads(counts)
+    best = cost([])
+    chosen: list[int] = []
+    limit = len(loads) if max_experts is None else max(0, int(max_experts))
+    for e in _by_load(loads):
+        if len(chosen) >= limit or loads[e] <= 0:
+            break
+        lat = cost(chosen + [int(e)])
+        if not lat < best:
+            break
+        best = lat
+        chosen.append(int(e))
+    logger.debug("choose_shadows_by_cost: %s (cost %.3g)", chosen, best)
     return chosen
 
 

@@ -77,9 +77,12 @@ TBF_BURST_S = 1e-3
 """tbf bucket size, in seconds at the limited rate (at least :data:`_MIN_BURST`)."""
 
 _MIN_BURST = {"lo": 128 * 1024}
-"""Minimum tbf burst in bytes per device; a packet larger than the bucket is dropped, and lo's
-MTU is 64 KiB (GSO packets on veth are segmented by tbf, so 16 KiB is enough there)."""
-_DEFAULT_MIN_BURST = 16 * 1024
+"""Minimum tbf burst in bytes per device. lo's MTU is 64 KiB, and a packet larger than the
+bucket is dropped there."""
+_DEFAULT_MIN_BURST = 128 * 1024
+"""veth: larger than a 64 KiB GSO packet, so that tbf passes it whole. With a smaller bucket
+tbf segments every GSO packet into MTU-sized ones, and the per-packet work on the shared cores
+slowed the workers' GEMMs by 50-90 % while a transfer was in flight (8 % with 128 KiB)."""
 
 NS_RE = re.compile(r"^mmx-(\d+)(?:\.\d+)?-(?:node\d+|sw|probe)$")
 """Names of namespaces created by this module (group 1: the creating process id)."""

@@ -33,7 +33,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.config import MoEConfig
+from megatron_moe_ext.config import SHADOW_POLICIES, MoEConfig
 from megatron_moe_ext.core.exchange import smart_exchange
 from megatron_moe_ext.core.shadow import (
     ShadowSplit,
@@ -41,7 +41,7 @@ from megatron_moe_ext.core.shadow import (
     functional_apply,
     routed_counts,
 )
-from megatron_moe_ext.core.shadow_policy import choose_shadows, top_k_shadows
+from megatron_moe_ext.core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
 from megatron_moe_ext.core.trace import Tracer
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
 from megatron_moe_ext.perf.topology import GBIT, ClusterSpec, LinkSpec, Topology, load_cluster
@@ -164,9 +164,9 @@ class FasterMoELayer(MoELayer):
         """Policy, expert layout for broadcasts, and the performance-model constants."""
         shadow = self.options.fastermoe.shadow
         self.shadow_policy = shadow.policy
-        if self.shadow_policy not in ("never", "predictor", "top_k"):
+        if self.shadow_policy not in SHADOW_POLICIES:
             raise ValueError(f"moe.fastermoe.shadow.policy={self.shadow_policy!r} is not one of "
-                             "never, predictor, top_k")
+                             f"{', '.join(SHADOW_POLICIES)}")
         if self.shadow_policy != "never" and (self.config.fp8 or self.config.fp4):
             raise ValueError("shadow experts do not support fp8 / fp4 experts")
         experts = self.experts.local_experts
@@ -192,7 +192,7 @@ class FasterMoELayer(MoELayer):
             if self._dtype_name not in self.topology.spec.gemm_tflops:
                 self._dtype_name = "bf16" if self._dtype_name == "fp16" else "fp32"
         except Exception as exc:  # noqa: BLE001 - the predictor cannot run without it
-            if self.shadow_policy == "predictor":
+            if self.shadow_policy in ("predictor", "model"):
                 raise ValueError(f"moe.fastermoe.cluster={self.cluster!r}: {exc}") from exc
             logger.warning("no performance model for layer %s (cluster %r: %s); "
                            "last_predicted_s stays None", self.layer_number, self.cluster, exc)
@@ -216,6 +216,8 @@ class FasterMoELayer(MoELayer):
             return []
         if self.shadow_policy == "top_k":
             return [int(e) for e in top_k_shadows(counts, self.options.fastermoe.shadow.max_experts)]
+        if self.shadow_policy == "model":
+            return choose_shadows_by_cost(counts, lambda s: self.predict(counts, s).total_s)
         c = counts.numpy().astype(np.float64)
         return [int(e) for e in choose_shadows(
             c, self.num_local_experts, H=self._H, alpha=self._alpha,

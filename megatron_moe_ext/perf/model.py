@@ -105,8 +105,9 @@ def traffic_bytes(T: np.ndarray, H: int, dtype_bytes: int) -> np.ndarray:
 
 
 def all_to_all_time(T: np.ndarray, H: int, dtype_bytes: int, topology: Topology) -> float:
-    """One all-to-all of T tokens: max over directed links of bytes crossing it / W_l."""
-    return topology.max_link_time(topology.link_loads(traffic_bytes(T, H, dtype_bytes)))
+    """One all-to-all of T tokens: max over directed links of bytes crossing it / W_l (and, on a
+    ``duplex: half`` transport, over worker pairs of both directions' bytes / bottleneck)."""
+    return topology.transfer_time(traffic_bytes(T, H, dtype_bytes))
 
 
 def ring_allreduce_time(size_bytes: float, workers: Sequence[int], topology: Topology) -> float:
@@ -122,7 +123,7 @@ def ring_allreduce_time(size_bytes: float, workers: Sequence[int], topology: Top
     pairs = np.zeros((topology.num_workers, topology.num_workers))
     for k, w in enumerate(ws):
         pairs[w, ws[(k + 1) % n]] += 1.0
-    return 2.0 * (n - 1) / n * size_bytes * topology.max_link_time(topology.link_loads(pairs))
+    return 2.0 * (n - 1) / n * size_bytes * topology.transfer_time(pairs)
 
 
 def _tree_links(root: int, workers: Sequence[int], topology: Topology,

@@ -131,6 +131,12 @@ class ClusterSpec:
     """Optional efficiency curve per dtype: (tokens per GEMM, TFLOP/s) points, interpolated."""
     description: str = ""
     """Free text: hardware, sources and assumptions."""
+    duplex: str = "full"
+    """``full``: the two directions between two workers are independent (NCCL, RDMA, raw
+    TCP). ``half``: the transport moves one direction of a worker pair at a time, so a pair's
+    exchange costs the bytes of both directions over the path's bottleneck; gloo's TCP pairs
+    behave so (docs/emulation.md). ``scripts/calibrate.py`` writes ``half`` when its
+    simultaneous exchange is well below the ping-pong rate."""
 
     @property
     def num_workers(self) -> int:
@@ -140,8 +146,10 @@ class ClusterSpec:
 
 _TOP_KEYS = {
     "name", "nodes", "workers_per_node", "gemm_tflops", "gemm_curve", "links", "nics",
-    "inter_node", "description",
+    "inter_node", "description", "duplex",
 }
+DUPLEX_MODES = ("full", "half")
+"""Accepted values of the top-level ``duplex`` key."""
 _LINK_KEYS = {"a", "b", "gbps", "count", "latency_us", "kind"}
 _NIC_KEYS = {"attach", "gbps", "count", "latency_us"}
 _INTER_KEYS = {"switch"}
@@ -249,12 +257,15 @@ def cluster_spec_from_dict(data: Mapping[str, Any], source: str = "<cluster>") -
     switch = str(inter.get("switch", "net"))
     if nodes > 1 and not nics:
         raise ClusterSpecError(f"{source}: nics: a cluster with {nodes} nodes needs a NIC")
+    duplex = str(data.get("duplex", "full"))
+    if duplex not in DUPLEX_MODES:
+        raise ClusterSpecError(f"{source}: duplex: {duplex!r} is not one of {list(DUPLEX_MODES)}")
     if m > 1 and not links:
         raise ClusterSpecError(f"{source}: links: {m} workers per node need intra-node links")
     return ClusterSpec(
         name=str(data["name"]), nodes=nodes, workers_per_node=m, gemm_tflops=tflops,
         links=tuple(links), nics=tuple(nics), inter_switch=switch, gemm_curve=curves,
-        description=str(data.get("description", "")),
+        description=str(data.get("description", "")), duplex=duplex,
     )
 
 
@@ -452,6 +463,31 @@ class Topology:
         if len(self.links) == 0:
             return 0.0
         return float(np.max(np.asarray(link_bytes, dtype=float) / self._bandwidths))
+
+    @cached_property
+    def _pair_bottleneck(self) -> np.ndarray:
+        """[N, N] bytes/s: the narrowest link on the path between two workers (inf on the diagonal)."""
+        n = self.num_workers
+        bw = np.full((n, n), np.inf)
+        for a in range(n):
+            for b in range(n):
+                if a != b:
+                    bw[a, b] = min((ln.bandwidth for ln in self.path(a, b)), default=np.inf)
+        return bw
+
+    def transfer_time(self, traffic_bytes: np.ndarray) -> float:
+        """Time of moving a traffic matrix [N, N] (src, dst) in bytes, all flows at once.
+
+        The busiest directed link bounds it; with ``duplex: half`` so does every worker pair,
+        whose two directions take turns: (bytes a->b + bytes b->a) / bottleneck(a, b).
+        """
+        t = np.asarray(traffic_bytes, dtype=float)
+        time = self.max_link_time(self.link_loads(t))
+        if self.spec.duplex == "half" and self.num_workers > 1:
+            both = t + t.T
+            np.fill_diagonal(both, 0.0)
+            time = max(time, float(np.max(both / self._pair_bottleneck)))
+        return time
 
     # ---- grouping --------------------------------------------------------------------
 

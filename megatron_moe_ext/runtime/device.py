@@ -81,6 +81,23 @@ def launch_info() -> tuple[int, int, int, int]:
     )
 
 
+def default_threads(cfg: RuntimeConfig, local_world: int) -> int:
+    """torch intra-op threads per CPU process.
+
+    ``runtime.num_threads`` when set; else ``OMP_NUM_THREADS`` when the launcher set it (torch's
+    own convention: torchrun and ``scripts/emulate_cluster.py`` set it to 1 because several
+    processes share the cores, and the emulator's nodes all run on this one machine, which
+    LOCAL_WORLD_SIZE cannot see); else usable cores // local processes.
+    """
+    if cfg.num_threads:
+        return cfg.num_threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2" = nested levels
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local_world))
+
+
 def setup_runtime(cfg: RuntimeConfig, device: str) -> Runtime:
     """Switch on the CPU runtime if needed, then start the default process group.
 
@@ -93,8 +110,7 @@ def setup_runtime(cfg: RuntimeConfig, device: str) -> Runtime:
         from megatron_moe_ext.runtime import cpu
 
         cpu.activate()
-        threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(default_threads(cfg, local_world))
         dev = torch.device("cpu")
     else:
         torch.cuda.set_device(local_rank)

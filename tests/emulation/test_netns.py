@@ -2,8 +2,8 @@
 scripts/emulate_cluster.py).
 
 The tests that create namespaces need root and a working ``ip netns``; they are skipped with the
-reason otherwise. The plan / dry-run / scale tests run everywhere. Whole file: ~1-2 minutes
-(six short torchrun jobs on 2 cores).
+reason otherwise. The plan / dry-run / scale tests run everywhere. Whole file: ~2 minutes
+(eight short torchrun jobs on 2 cores).
 """
 
 from __future__ import annotations
@@ -170,9 +170,13 @@ def test_nic_rate_limit_scales_all_to_all(tmp_path):
     ratio = slow["median_s"] / fast["median_s"]
     print(f"all_to_all 8 MB, 2 nodes: 200 Mbit/s {slow['median_s'] * 1e3:.1f} ms, "
           f"800 Mbit/s {fast['median_s'] * 1e3:.1f} ms, ratio {ratio:.2f}")
-    assert 2.0 < ratio < 6.0
-    # the limit binds: 4 MB each way cannot beat 800 Mbit/s (0.04 s)
-    assert fast["median_s"] > 0.04
+    # 4 MB each way: one direction alone takes 4 MB / rate. gloo's all-to-all mostly moves the
+    # two directions one after the other (2x that) but sometimes overlaps them (1x), so each
+    # run lies between the two, and the ratio between 4 / 2 and 4 x 2 (docs/emulation.md)
+    for res, mbit in ((slow, 200), (fast, 800)):
+        one_way = 4 * 2**20 * 8 / (mbit * 1e6)
+        assert 0.9 * one_way < res["median_s"] < 2.4 * one_way, (mbit, res["median_s"], one_way)
+    assert 1.7 < ratio < 9.0
     assert _ours(_netns()) == before
 
 
@@ -248,16 +252,47 @@ def test_delay_ms_needs_netem(tmp_path):
 def test_smoke_bench_moe_layer(tmp_path):
     """CI-sized: 2 namespaces x 1 worker, a few iterations of the layer benchmark."""
     out = tmp_path / "bench.json"
-    if BENCH.exists():
-        cmd = [str(BENCH), "--impl", "both", "--tokens", "128", "--hidden", "32", "--ffn", "64",
-               "--experts", "2", "--iters", "2", "--warmup", "1", "--json", str(out)]
-    else:  # TODO: use scripts/bench_moe_layer.py once it exists
-        cmd = [str(PROBE), "--mb", "1", "--iters", "2", "--json", str(out)]
+    cmd = [str(BENCH), "--impl", "both", "--tokens", "128", "--hidden", "32", "--ffn", "64",
+           "--experts", "2", "--iters", "2", "--warmup", "1", "--json", str(out)]
     before = _ours(_netns())
     proc = _cli(["--cluster", "johnny", "--scale", "auto", "--gemm-seconds", "0.3",
                  "--nodes", "2", "--workers-per-node", "1", "--timeout", "110", "--", *cmd],
                 timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     assert "-> scale" in proc.stdout and "Mbit/s" in proc.stdout
-    assert json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert set(result["impls"]) == {"megatron", "fastermoe"}
+    assert result["config"]["world_size"] == 2
+    assert result["config"]["threads_per_rank"] == 1  # OMP_NUM_THREADS=1 from the emulator
+    assert result["max_rel_diff_out"] < 1e-5
     assert _ours(_netns()) == before
+
+
+@needs_netns
+def test_calibrate_under_emulation_recovers_the_nic(tmp_path):
+    """calibrate.py inside the emulator: the NIC rate comes back within 15 % (--strict), the
+    written cluster's duplex follows the measured exchange, and the performance model reads it."""
+    out, raw = tmp_path / "cal.yaml", tmp_path / "cal.json"
+    proc = _cli(["--cluster", "johnny", "--scale", "0.005", "--nodes", "2",
+                 "--workers-per-node", "1", "--timeout", "120", "--",
+                 str(REPO / "scripts" / "calibrate.py"), "--quick", "--dtypes", "fp32",
+                 "--sizes", "8", "262144", "2097152", "--compare", "johnny", "--strict",
+                 "--out", str(out), "--json", str(raw)], timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    spec = load_cluster(out)
+    assert (spec.nodes, spec.workers_per_node) == (2, 1)
+    nic = spec.nics[0].gbps
+    assert 0.25 * 0.85 < nic < 0.25 * 1.15, nic  # johnny 50 Gb/s x 0.005
+    m = json.loads(raw.read_text())["measured"]["inter"]
+    print(f"NIC ping-pong {m['pingpong_gbps']:.3f}, exchange {m['exchange_gbps']:.3f} Gbit/s")
+    ratio = m["exchange_gbps"] / m["pingpong_gbps"]
+    assert spec.duplex == ("half" if ratio < 0.7 else "full")
+    # gloo with sends posted first: the directions take turns most of the time (ratio ~0.5;
+    # 0.68 seen once in 7 runs, when they partly overlapped), never a free full duplex
+    assert ratio < 0.85, ratio
+    from megatron_moe_ext.perf.model import all_to_all_time
+    from megatron_moe_ext.perf.topology import build_topology
+
+    t = all_to_all_time([[0, 1024], [1024, 0]], 256, 4, build_topology(spec))
+    turns = 2 if spec.duplex == "half" else 1  # half: both directions over one link's rate
+    assert t == pytest.approx(turns * 1024 * 256 * 4 / (nic * 1e9 / 8))

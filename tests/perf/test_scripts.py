@@ -46,6 +46,9 @@ def test_calibrate_quick_under_torchrun_writes_loadable_cluster(tmp_path):
     assert m["world_size"] == 2 and m["intra"]["pairs"] == 1 and m["inter"] is None
     assert set(m["gemm_all"]) == {"gemm", "mlp"}
     assert m["intra"]["exchange_gbps"] > 0 and m["intra"]["pingpong_gbps"] > 0
+    ratio = m["intra"]["exchange_gbps"] / m["intra"]["pingpong_gbps"]
+    assert spec.duplex == ("half" if ratio < 0.7 else "full")
+    assert f"exchange / ping-pong = {ratio:.2f} -> duplex: {spec.duplex}" in text
     # --compare printed measured vs described for GEMM and the intra-node link
     assert "measured vs described (local-cpu" in proc.stdout
     rows = data["compare"]["rows"]
@@ -53,6 +56,21 @@ def test_calibrate_quick_under_torchrun_writes_loadable_cluster(tmp_path):
     intra = [r for r in rows if r["what"].startswith("intra-node")]
     assert [r["described"] for r in intra] == pytest.approx([described, described])
     assert [r["checked"] for r in intra] == [True, False]  # ping-pong checked, exchange info
+
+
+def test_calibrate_duplex_rule():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate", REPO / "scripts" / "calibrate.py")
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    link = {"pingpong_gbps": 0.5, "exchange_gbps": 0.26}
+    assert cal.duplex_of({"inter": link, "intra": None}) == ("half", pytest.approx(0.52))
+    # the inter-node pairs decide when there are any
+    full = {"pingpong_gbps": 0.5, "exchange_gbps": 0.48}
+    assert cal.duplex_of({"inter": full, "intra": link})[0] == "full"
+    assert cal.duplex_of({"inter": None, "intra": link})[0] == "half"
+    assert cal.duplex_of({"inter": None, "intra": None}) == ("full", None)
 
 
 def test_calibrate_workers_per_node_makes_a_two_node_cluster(tmp_path):

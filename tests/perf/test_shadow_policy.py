@@ -139,3 +139,51 @@ def test_bad_shapes() -> None:
         sp.choose_shadows(np.ones(4), 1, **ARGS)
     with pytest.raises(ValueError):
         sp.choose_shadows(-np.ones((2, 2)), 1, **ARGS)
+
+
+def _johnny_pair():
+    from megatron_moe_ext.perf.topology import Topology, cluster_spec_from_dict
+
+    return Topology(cluster_spec_from_dict({
+        "name": "pair", "nodes": 2, "workers_per_node": 1,
+        "gemm_tflops": {"fp32": P / 1e12, "bf16": P / 1e12},
+        "nics": [{"attach": "w0", "gbps": 50}],
+    }))
+
+
+def test_cost_greedy_follows_the_full_model() -> None:
+    """policy `model`: the greedy keeps a shadow only when the smart-schedule model says so."""
+    topo = _johnny_pair()
+
+    def model_cost(counts):
+        return lambda s: pm.predict_layer(counts, None, H, ALPHA, B, topo, schedule="smart",
+                                          shadow_experts=s).total_s
+
+    hot = hot_counts(n=2, hot=0, hot_tokens=8000, cold=100, experts_per_worker=2)
+    chosen = sp.choose_shadows_by_cost(hot, model_cost(hot))
+    assert chosen == [0]
+    assert model_cost(hot)([0]) < model_cost(hot)([])
+    # balanced routing: shadowing only adds the weight broadcast, nothing chosen
+    flat = np.full((2, 4), 1000)
+    assert sp.choose_shadows_by_cost(flat, model_cost(flat)) == []
+    # a mild skew: Algorithm 1 (synchronous formula, nothing hidden) shadows both experts,
+    # while the smart-schedule model, which hides part of the all-to-all, finds the weight
+    # broadcast dearer than what is left to gain
+    mild = np.array([[3000, 1000], [3000, 1000]])
+    assert sp.choose_shadows(mild, 1, **ARGS) == [0, 1]
+    assert sp.choose_shadows_by_cost(mild, model_cost(mild)) == []
+    assert model_cost(mild)([]) < model_cost(mild)([0])
+
+
+def test_cost_greedy_order_stop_and_cap() -> None:
+    counts = np.array([[50, 400, 0, 300], [50, 400, 0, 300]])
+    seen = []
+
+    def cost(s):
+        seen.append(list(s))
+        return 10.0 - len(s) if len(s) < 2 else 100.0  # one shadow helps, two do not
+
+    assert sp.choose_shadows_by_cost(counts, cost) == [1]
+    assert seen == [[], [1], [1, 3]]  # hottest first, stops at the first non-improvement
+    assert sp.choose_shadows_by_cost(counts, lambda s: -len(s)) == [1, 3, 0]  # never expert 2
+    assert sp.choose_shadows_by_cost(counts, lambda s: -len(s), max_experts=1) == [1]

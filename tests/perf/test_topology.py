@@ -150,6 +150,7 @@ def _base() -> dict:
     (lambda d: d.update(nodes=2), "nics"),
     (lambda d: d.update(colour="red"), "colour"),
     (lambda d: d.update(workers_per_node=0), "workers_per_node"),
+    (lambda d: d.update(duplex="simplex"), "duplex"),
 ])
 def test_schema_errors_name_the_key(patch, key: str) -> None:
     data = _base()
@@ -168,3 +169,42 @@ def test_unreachable_worker_is_an_error() -> None:
 def test_load_cluster_missing() -> None:
     with pytest.raises(ClusterSpecError, match="not found"):
         load_cluster("no-such-cluster")
+
+
+def _two_nodes(duplex: str) -> Topology:
+    """2 nodes x 1 worker, 8 Gb/s NICs (1e9 bytes/s each way)."""
+    return Topology(cluster_spec_from_dict({
+        "name": "pair", "nodes": 2, "workers_per_node": 1, "duplex": duplex,
+        "gemm_tflops": {"fp32": 1.0, "bf16": 1.0},
+        "nics": [{"attach": "w0", "gbps": 8}],
+    }))
+
+
+def test_half_duplex_pairs_take_turns() -> None:
+    full, half = _two_nodes("full"), _two_nodes("half")
+    one_way = np.array([[0.0, 1e9], [0.0, 0.0]])
+    both_ways = np.array([[0.0, 1e9], [5e8, 0.0]])
+    # one direction: the same on both transports
+    assert full.transfer_time(one_way) == pytest.approx(1.0)
+    assert half.transfer_time(one_way) == pytest.approx(1.0)
+    # both directions: overlapped on a full-duplex transport, summed on a half-duplex one
+    assert full.transfer_time(both_ways) == pytest.approx(1.0)
+    assert half.transfer_time(both_ways) == pytest.approx(1.5)
+
+
+def test_half_duplex_only_binds_per_pair() -> None:
+    """4 workers on one 8 Gb/s star: only a pair's own two directions take turns."""
+    def star(duplex: str) -> Topology:
+        return Topology(cluster_spec_from_dict({
+            "name": "star", "nodes": 1, "workers_per_node": 4, "duplex": duplex,
+            "gemm_tflops": {"fp32": 1.0, "bf16": 1.0},
+            "links": [{"a": f"w{i}", "b": "host", "gbps": 8} for i in range(4)],
+        }))
+    full, half = star("full"), star("half")
+    ring = np.zeros((4, 4))
+    ring[0, 1] = ring[1, 2] = ring[2, 3] = ring[3, 0] = 1e9  # every worker sends and receives
+    assert half.transfer_time(ring) == pytest.approx(full.transfer_time(ring)) == pytest.approx(1.0)
+    pair = np.zeros((4, 4))
+    pair[0, 1] = pair[1, 0] = 1e9
+    assert full.transfer_time(pair) == pytest.approx(1.0)
+    assert half.transfer_time(pair) == pytest.approx(2.0)
