@@ -539,7 +539,8 @@ def cluster_yaml(m: dict[str, Any], name: str, args: argparse.Namespace, command
     hdr.append("# Links, one pair at a time; bandwidth = largest message / (time - time of the "
                "smallest), one direction:")
     hdr.append("#   ping-pong = blocking send/recv round trip / 2 (other direction idle); "
-               "exchange = both sides isend+irecv at once (as in an all-to-all)")
+               "exchange = both sides isend then irecv at once, until both arrived (as in an "
+               "all-to-all)")
     for label, a in (("intra-node", intra), ("inter-node", inter)):
         if a:
             hdr.append(

@@ -162,6 +162,9 @@ def parse_args(argv=None):
                    help="link scales of the predicted-vs-measured sweep (balanced routing, "
                         "smart schedule; the report's R^2; at least 3 for the target; none to "
                         "skip; default: %(default)s)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip calibrate.py under the emulator and the run predicted from its "
+                        "cluster file")
     p.add_argument("--runs-dir", default="/tmp/reproduce_paper",
                    help="where the bench JSONs and the replica cluster file go "
                         "(default: %(default)s)")
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
     results, failures = {}, []
     json_times: list[float] = []  # mtimes of the JSONs the report uses
 
-    def run(label: str, cmd: list[str], jp: Path) -> dict | None:
+    def run(label: str, cmd: list[str], jp: Path, parse=summarize) -> dict | None:
         log(f"\n[{label}] {shlex.join(cmd)}")
         if args.dry_run:
             return None
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
                 failures.append(f"{label}: no {jp} (--report-only)")
                 return None
             json_times.append(jp.stat().st_mtime)
-            return summarize(json.loads(jp.read_text()))
+            return parse(json.loads(jp.read_text()))
         ld, waited = wait_for_quiet(args.max_load, args.max_wait, log)
         log(f"  load {ld:.2f} (waited {waited:.0f} s)")
         if jp.exists():
@@ -228,6 +231,9 @@ def main(argv=None) -> int:
                             + " / ".join(tail[-3:]))
             log(f"  FAILED rc={proc.returncode} ({dt:.0f} s)\n    " + "\n    ".join(tail))
             return None
+        if parse is not summarize:
+            log(f"  {dt:.0f} s: wrote {jp}")
+            return parse(json.loads(jp.read_text()))
         s = summarize(json.loads(jp.read_text()))
         s["run_s"] = dt
         log(f"  {dt:.0f} s: stock {s['m_wall'] * 1e3:.0f} ms, FasterMoE "
@@ -256,6 +262,32 @@ def main(argv=None) -> int:
         s = run(f"sweep scale {sc}", bench_cmd(args, sizes, 0.0, schedule, jp, rep, sc), jp)
         if s is not None:
             sweep[sc] = s
+    # calibration under emulation: calibrate.py measures the replica (links, and the expert
+    # MLP at the layer's H / ffn) and writes a cluster file; the balanced schedule case is run
+    # again with predictions from that file
+    calibrated = None
+    if not args.no_calibrate:
+        cal_yaml, cal_json = runs / "johnny-calibrated.yaml", runs / "calibrate.json"
+        cal_cmd = [sys.executable, str(REPO / "scripts" / "emulate_cluster.py"),
+                   "--cluster", str(JOHNNY), "--scale", str(args.scale), "--nodes", "2",
+                   "--workers-per-node", "1", "--timeout", str(args.timeout), "--",
+                   str(REPO / "scripts" / "calibrate.py"), "--dtypes", "fp32",
+                   "--hidden", str(sizes["hidden"]), "--ffn", str(sizes["ffn"]),
+                   "--compare", str(JOHNNY), "--out", str(cal_yaml), "--json", str(cal_json)]
+        if args.quick:
+            cal_cmd.append("--quick")
+        cal = run("calibrate under emulation", cal_cmd, cal_json, parse=lambda d: d)
+        if cal is not None and cal_yaml.exists():
+            from megatron_moe_ext.perf.topology import load_cluster
+
+            spec = load_cluster(cal_yaml)
+            jp = runs / "calibrated_schedule.json"
+            bench = run("balanced schedule, predicted from the calibrated file",
+                        bench_cmd(args, sizes, 0.0, schedule, jp, cal_yaml), jp)
+            calibrated = {"measured": cal["measured"], "compare": cal.get("compare"),
+                          "duplex": spec.duplex, "gemm_fp32": spec.gemm_tflops["fp32"],
+                          "nic_gbps": spec.nics[0].gbps if spec.nics else None,
+                          "emulated_gbps": nic, "yaml": str(cal_yaml), "bench": bench}
     if args.dry_run:
         return 0
 
@@ -288,6 +320,7 @@ def main(argv=None) -> int:
     except Exception:  # pragma: no cover
         pass
     meta["sweep"] = sweep
+    meta["calibrated"] = calibrated
     if results:
         make_png(results, args.skews, png)
     if sweep:

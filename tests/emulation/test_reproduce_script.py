@@ -28,7 +28,7 @@ def test_dry_run_plans_every_variant_and_the_sweep(tmp_path):
     labels = [ln.split("]")[0][1:] for ln in proc.stdout.splitlines() if ln.startswith("[")]
     assert labels == [f"skew {s}, {v}" for s in ("0.0", "1.5")
                       for v in ("schedule", "shadow", "both", "both-model", "both+gate")] + [
-        f"sweep scale {sc}" for sc in ("0.005", "0.02", "0.04")]
+        f"sweep scale {sc}" for sc in ("0.005", "0.02", "0.04")] + ["calibrate under emulation"]
     assert "--scale 0.04 " in proc.stdout and "johnny-replica-0.04.yaml" in proc.stdout
     replica = (tmp_path / "johnny-replica.yaml").read_text()
     assert "duplex: half" in replica  # gloo's pairs take turns; the model must know
