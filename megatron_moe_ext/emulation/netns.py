@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence, Union
 
 from ..perf.topology import GBIT, ClusterSpec, Topology
+from ..runtime.launch import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -335,16 +336,6 @@ def _remove_namespace(ns: str) -> bool:
     return ns not in list_namespaces()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup(all_: bool = False) -> list[str]:
     """Remove namespaces named ``mmx-<pid>-...`` whose creating process is gone (``all_``: also
     those of live processes). Returns the removed names."""
@@ -354,7 +345,7 @@ def cleanup(all_: bool = False) -> list[str]:
         m = NS_RE.match(ns)
         if not m:
             continue
-        if not all_ and _pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
+        if not all_ and pid_alive(int(m.group(1))) and int(m.group(1)) != os.getpid():
             continue
         if _remove_namespace(ns):
             removed.append(ns)

@@ -19,6 +19,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (an exited child nobody reaped yet,
+    which still answers ``kill(pid, 0)`` but will never do anything again)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # gone meanwhile; without /proc (not Linux) kill() has the last word
+        return not os.path.isdir("/proc")
+
+
 def under_torchrun() -> bool:
     """Whether this process was started by torchrun (or another launcher setting RANK)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -38,6 +38,12 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from megatron_moe_ext.runtime.launch import pid_alive  # noqa: E402  (no torch import)
+
 DEFAULT_DIR = "/tmp/moe-local-slurm"
 CTLD_PORT = 16817
 NODE_PORTS = (17001, 17002)
@@ -96,21 +102,6 @@ def _port_in_use(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _read_pid(path: Path, marker: str) -> Optional[int]:
@@ -391,24 +382,24 @@ class LocalSlurm:
             except (subprocess.TimeoutExpired, ClusterError):
                 pass
         pids = [p for p in (_read_pid(f, str(self.conf)) for f in self._pid_files()) if p]
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             if time.monotonic() > deadline - timeout / 3:  # shutdown did not reach them
                 for pid in pids:
-                    if _pid_alive(pid):
+                    if pid_alive(pid):
                         os.kill(pid, signal.SIGTERM)
             time.sleep(0.2)
         # daemons that ignored shutdown, and job processes left behind (slurmstepd, tasks)
-        leftovers = [p for p in pids if _pid_alive(p)] + self._processes_of_cluster()
+        leftovers = [p for p in pids if pid_alive(p)] + self._processes_of_cluster()
         for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         munged = _read_pid(self.munge_dir / "munged.pid", str(self.munge_socket))
-        if munged and _pid_alive(munged):
+        if munged and pid_alive(munged):
             os.kill(munged, signal.SIGTERM)
             for _ in range(50):
-                if not _pid_alive(munged):
+                if not pid_alive(munged):
                     break
                 time.sleep(0.1)
             else:
