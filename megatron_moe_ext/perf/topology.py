@@ -450,13 +450,24 @@ class Topology:
         """Bandwidth of every directed link, bytes/s, indexed like :attr:`links`."""
         return np.array([ln.bandwidth for ln in self.links], dtype=float)
 
+    @cached_property
+    def _incidence_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """(link index, pair index s*N + d) of every nonzero of :attr:`incidence`."""
+        links, pairs = np.nonzero(self.incidence)
+        return links, pairs
+
     def link_loads(self, traffic_bytes: np.ndarray) -> np.ndarray:
-        """Bytes crossing each directed link for a traffic matrix [N, N] (src, dst) in bytes."""
+        """Bytes crossing each directed link for a traffic matrix [N, N] (src, dst) in bytes.
+
+        ``incidence @ traffic``, computed from the nonzeros only (a path crosses a handful of
+        links, so this is ~N^2 * hops work instead of links * N^2).
+        """
         t = np.asarray(traffic_bytes, dtype=float)
         if t.shape != (self.num_workers, self.num_workers):
             raise ValueError(f"traffic matrix must be [{self.num_workers}]x[{self.num_workers}], "
                              f"got {t.shape}")
-        return self.incidence @ t.reshape(-1)
+        links, pairs = self._incidence_entries
+        return np.bincount(links, weights=t.reshape(-1)[pairs], minlength=len(self.links))
 
     def max_link_time(self, link_bytes: np.ndarray) -> float:
         """max over directed links of (bytes on the link) / bandwidth, seconds."""
