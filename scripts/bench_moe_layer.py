@@ -39,6 +39,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import logging
@@ -428,7 +429,8 @@ def _machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "megatron_core": getattr(megatron.core, "__version__", "?"),
-            "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def format_table(r: dict) -> str:

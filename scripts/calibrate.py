@@ -801,7 +801,9 @@ def report(m: dict[str, Any], args: argparse.Namespace, extra: dict[str, Any]) -
                              "tolerance": args.tolerance, "links_within_tolerance": ok}
         if args.strict and not ok:
             rc = 1
-    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    result["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                             timespec="seconds")}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")

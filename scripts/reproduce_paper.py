@@ -18,8 +18,14 @@ for balanced and Zipf-skewed routing, in four FasterMoE variants:
               the gate is in the router, so the stock layer of that run is gated too.
 
 Each bench run times stock Megatron and FasterMoE in the same process (ABBA), so every row
-has its own stock baseline. The JSONs go to --runs-dir; the report (Markdown) to --out and a
-bar chart to --png.
+has its own stock baseline. The JSONs go to --runs-dir (docs/data/reproduction by default, so
+they are committed with the report); the report (Markdown) to --out, a bar chart to --png and
+the link-rate sweep's scatter next to it.
+
+After the variants: a link-rate sweep (balanced routing, smart schedule, one replica file per
+--sweep-scales entry; the report's R^2), then calibrate.py under the emulator, whose cluster
+file predicts one more balanced run (--no-calibrate skips it). --report-only rebuilds the
+report from the JSONs without running anything.
 
 The forced routing of the benchmark is checked to be honoured exactly; with the topology gate
 the benchmark adopts the router's (gated) routing instead, so the JSON's routing counts are
@@ -30,8 +36,9 @@ file written to --runs-dir: compute rates from configs/clusters/local-cpu.yaml (
 CPU clock), 2 nodes x 1 worker, NIC = 50 Gb/s x scale.
 
 Example:
-    python scripts/reproduce_paper.py --out docs/reproduction.md        # ~6 min on a quiet 2-core VM
+    python scripts/reproduce_paper.py --out docs/reproduction.md     # ~7 min, quiet 2-core VM
     python scripts/reproduce_paper.py --quick --out /tmp/repro_quick.md  # smoke, ~3 min
+    python scripts/reproduce_paper.py --out docs/reproduction.md --report-only
 """
 
 from __future__ import annotations
@@ -165,9 +172,10 @@ def parse_args(argv=None):
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibrate.py under the emulator and the run predicted from its "
                         "cluster file")
-    p.add_argument("--runs-dir", default="/tmp/reproduce_paper",
-                   help="where the bench JSONs and the replica cluster file go "
-                        "(default: %(default)s)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where the bench JSONs and the replica cluster files go (default: "
+                        "docs/data/reproduction, kept next to the report; --quick: "
+                        "/tmp/reproduce_paper_quick)")
     p.add_argument("--max-load", type=float, default=2.5,
                    help="wait while the 1-min load average is above this (default: %(default)s)")
     p.add_argument("--max-wait", type=float, default=120.0,
@@ -181,6 +189,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.skews is None:
         args.skews = [1.5] if args.quick else [0.0, 1.5]
+    if args.runs_dir is None:
+        args.runs_dir = ("/tmp/reproduce_paper_quick" if args.quick
+                         else str(REPO / "docs" / "data" / "reproduction"))
     return args
 
 
@@ -216,8 +227,11 @@ def main(argv=None) -> int:
             if not jp.exists():
                 failures.append(f"{label}: no {jp} (--report-only)")
                 return None
-            json_times.append(jp.stat().st_mtime)
-            return parse(json.loads(jp.read_text()))
+            data = json.loads(jp.read_text())
+            when = (data.get("machine") or {}).get("date_utc")  # the bench writes it
+            json_times.append(_dt.datetime.fromisoformat(when).timestamp() if when
+                              else jp.stat().st_mtime)
+            return parse(data)
         ld, waited = wait_for_quiet(args.max_load, args.max_wait, log)
         log(f"  load {ld:.2f} (waited {waited:.0f} s)")
         if jp.exists():
