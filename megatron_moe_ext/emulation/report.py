@@ -278,7 +278,8 @@ def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
     L.append(f"- Machine: {meta['machine']}. torch threads per worker: 1 (the emulator sets "
              "OMP_NUM_THREADS=1, which the runtime honours).")
     L.append("- **Cores:** 2 worker processes on 2 cores (one per core, so the GEMMs are not "
-             "oversubscribed), each in its own network namespace; but gloo's transfer threads and the kernel's TCP / tbf work have "
+             "oversubscribed), each in its own network namespace; but gloo's transfer threads "
+             "and the kernel's TCP / tbf work have "
              "no core of their own and take time from the GEMMs while a transfer is in flight "
              "(about 8 % measured, docs/emulation.md). Other jobs may share the cores too: the "
              "1-min load is recorded per run below; this script waited while it was above "
@@ -317,7 +318,8 @@ def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
     L.extend(target_lines(args, results, meta.get("sweep") or {}))
     L.append("## Results\n")
     L.append("Speedup = stock Megatron fwd+bwd / FasterMoE fwd+bwd in the same run "
-             "(wall = median of per-iteration max-rank times; CPU = process CPU time; pred = model). "
+             "(wall = median of per-iteration max-rank times; CPU = process CPU time; "
+             "pred = model). "
              "Times in ms (wall).\n")
     L.append("| skew | variant | stock ms | FasterMoE ms | speedup wall | paired | CPU | "
              "pred | paper | shadows chosen | remote frac. | load start→end |")
@@ -393,7 +395,8 @@ def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
                      f"{ms(t['f_wall'])} | {f2(t['pred'])} / {f2(t['wall'])} | "
                      f"{f2(gain_fraction(t['wall'], t['pred']))} |")
         L.append(f"\nR^2 (both layers, {2 * len(sweep)} points) = {f2(sweep_r2(sweep), 3)}.\n")
-        L.append(f"![sweep]({os.path.relpath(png.with_name(png.stem + '_sweep.png'), out.parent)})\n")
+        sweep_png = png.with_name(png.stem + "_sweep.png")
+        L.append(f"![sweep]({os.path.relpath(sweep_png, out.parent)})\n")
     L.append("## What could not be reproduced at this scale, and why\n")
     L.extend(meta["limits"])
     if meta.get("failures"):

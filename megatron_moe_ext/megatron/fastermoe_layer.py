@@ -41,7 +41,11 @@ from megatron_moe_ext.core.shadow import (
     functional_apply,
     routed_counts,
 )
-from megatron_moe_ext.core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
+from megatron_moe_ext.core.shadow_policy import (
+    choose_shadows,
+    choose_shadows_by_cost,
+    top_k_shadows,
+)
 from megatron_moe_ext.core.trace import Tracer
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
 from megatron_moe_ext.perf.topology import GBIT, ClusterSpec, LinkSpec, Topology, load_cluster
