@@ -263,6 +263,13 @@ def calibration_lines(cal: dict | None, results: dict) -> list[str]:
     return L
 
 
+def _runs(results: dict, skews):
+    """(skew, variant, summary or None) in report order."""
+    for skew in skews:
+        for n, _, _, _ in VARIANTS:
+            yield skew, n, results.get((skew, n))
+
+
 def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
     L = []
     L.append("# Reproducing FasterMoE's speedups on an emulated johnny replica\n")
@@ -324,20 +331,18 @@ def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
     L.append("| skew | variant | stock ms | FasterMoE ms | speedup wall | paired | CPU | "
              "pred | paper | shadows chosen | remote frac. | load start→end |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for skew in args.skews:
-        for n, _, _, _ in VARIANTS:
-            s = results.get((skew, n))
-            paper = (f"{PAPER[n]:.2f}" if n in PAPER
-                     else f"{PAPER['both'] * PAPER['gate']:.2f} (2.20 x 1.094)")
-            if not s:
-                L.append(f"| {skew} | {n} | not run | | | | | | {paper} | | | |")
-                continue
-            ld = s["load"]
-            L.append(
-                f"| {skew} | {n} | {s['m_wall'] * 1e3:.0f} | {s['f_wall'] * 1e3:.0f} | "
-                f"**{f2(s['wall'])}** | {f2(s['paired'])} | {f2(s['cpu'])} | {f2(s['pred'])} | "
-                f"{paper} | {s['shadows']} | {f2(s['remote'], 3)} | "
-                f"{f2(ld[0], 1)}→{f2(ld[1], 1)} |")
+    for skew, n, s in _runs(results, args.skews):
+        paper = (f"{PAPER[n]:.2f}" if n in PAPER
+                 else f"{PAPER['both'] * PAPER['gate']:.2f} (2.20 x 1.094)")
+        if not s:
+            L.append(f"| {skew} | {n} | not run | | | | | | {paper} | | | |")
+            continue
+        ld = s["load"]
+        L.append(
+            f"| {skew} | {n} | {s['m_wall'] * 1e3:.0f} | {s['f_wall'] * 1e3:.0f} | "
+            f"**{f2(s['wall'])}** | {f2(s['paired'])} | {f2(s['cpu'])} | {f2(s['pred'])} | "
+            f"{paper} | {s['shadows']} | {f2(s['remote'], 3)} | "
+            f"{f2(ld[0], 1)}→{f2(ld[1], 1)} |")
     L.append("")
     L.append("Gate (paper: 9.4 % faster per iteration, 1609 → 1471 ms, Table 3):\n")
     L.append("| skew | FasterMoE both ms | both+gate ms | gate gain wall | CPU | pred | "
@@ -364,16 +369,14 @@ def write_report(args, sizes, results, meta, out: Path, png: Path) -> None:
     L.append("| skew | variant | A ms | C fwd / bwd ms | overlap bound | worker loads | "
              "pred stock / FasterMoE ms | max rel diff out |")
     L.append("|---|---|---|---|---|---|---|---|")
-    for skew in args.skews:
-        for n, _, _, _ in VARIANTS:
-            s = results.get((skew, n))
-            if not s:
-                continue
-            ms = lambda v: "–" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
-            L.append(f"| {skew} | {n} | {ms(s['a2a'])} | {ms(s['cf'])} / {ms(s['cb'])} | "
-                     f"{f2(s['bound'], 3)} | {s['worker_loads']} | "
-                     f"{ms(s['m_pred'])} / {ms(s['f_pred'])} | "
-                     + ("–" if s["maxdiff"] is None else format(s["maxdiff"], ".1e")) + " |")
+    for skew, n, s in _runs(results, args.skews):
+        if not s:
+            continue
+        ms = lambda v: "–" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+        L.append(f"| {skew} | {n} | {ms(s['a2a'])} | {ms(s['cf'])} / {ms(s['cb'])} | "
+                 f"{f2(s['bound'], 3)} | {s['worker_loads']} | "
+                 f"{ms(s['m_pred'])} / {ms(s['f_pred'])} | "
+                 + ("–" if s["maxdiff"] is None else format(s["maxdiff"], ".1e")) + " |")
     L.append("")
     L.append(f"![speedups]({os.path.relpath(png, out.parent)})\n")
     L.extend(calibration_lines(meta.get("calibrated"), results))
