@@ -16,8 +16,8 @@ receive); all medians of the per-iteration max over ranks, measured in the same 
 ratio_fwd_bwd (megatron / fastermoe); bound_fraction_schedule = (achieved - 1) / (bound - 1)
 when bound > 1 (1.0: the schedule gets all the overlap the bound allows; <= 0: no gain).
 
-Shadow experts (--shadow never|predictor|model|top_k, --shadow-max-experts N for top_k) are applied to
-the FasterMoE layer (moe.fastermoe.shadow.*); the sets it chose in the timed iterations
+Shadow experts (--shadow never|predictor|model|top_k, --shadow-max-experts N for top_k) are
+applied to the FasterMoE layer (moe.fastermoe.shadow.*); the sets it chose in the timed iterations
 (`last_shadows`) are reported as `shadows` (distinct sets), and its predicted_fwd_bwd_s is the
 median of the layer's own `last_predicted_s` (smart schedule with those shadows).
 
@@ -107,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234,
                    help="seed of weights, inputs and routing (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, else cores / processes)")
+                   help="torch intra-op threads per process (default: OMP_NUM_THREADS if set, "
+                        "else cores / processes)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dotted config override, repeatable (e.g. "
                         "moe.router.load_balancing_type=none)")

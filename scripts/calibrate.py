@@ -23,17 +23,16 @@ slower on a CPU). The performance model interpolates the curve at the tokens of 
 Links: for every pair of workers (--pairs all) or rank 0 and every other rank (--pairs star),
 one pair at a time, for several message sizes: a ping-pong (blocking send / recv; one-way time
 = median round trip / 2, the other direction idle) and a simultaneous exchange (both sides
-isend then irecv at once, as in an all-to-all, timed until both directions arrived). Latency = time of the
-smallest size; bandwidth = largest size / (time(largest) - latency), one direction, Gbit/s.
---bandwidth picks which rate becomes the link bandwidth (default: pingpong, the link's rate;
-under the emulator it recovers the tbf rate within a few percent). With gloo the exchange rate
-is about half the ping-pong rate: when the sends are posted before the receives (as our
-exchange and gloo's all-to-all do), gloo moves the two directions of a worker pair one after
-the other (raw TCP between the same namespaces overlaps them, and so does gloo with the
-receives posted first; docs/emulation.md). The written file says ``duplex: half`` when
-exchange / ping-pong is below 0.7, and the performance model then charges a pair's exchange
-with both directions' bytes.
-Both rates are recorded in the header. Pairs on the same
+isend then irecv at once, as in an all-to-all, timed until both directions arrived). Latency =
+time of the smallest size; bandwidth = largest size / (time(largest) - latency), one
+direction, Gbit/s. --bandwidth picks which rate becomes the link bandwidth (default: pingpong,
+the link's rate; under the emulator it recovers the tbf rate within a few percent). With gloo
+the exchange rate is about half the ping-pong rate: when the sends are posted before the
+receives (as our exchange and gloo's all-to-all do), gloo moves the two directions of a worker
+pair one after the other (raw TCP between the same namespaces overlaps them, and so does gloo
+with the receives posted first; docs/emulation.md). The written file says ``duplex: half``
+when exchange / ping-pong is below 0.7, and the performance model then charges a pair's
+exchange with both directions' bytes. Both rates are recorded in the header. Pairs on the same
 node are intra-node, the others inter-node. The node of a rank is GROUP_RANK (torchrun's node
 rank), else rank // --workers-per-node, else rank // LOCAL_WORLD_SIZE.
 
@@ -147,8 +146,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2,
                    help="processes to spawn when not started by torchrun (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per process (default: as training, OMP_NUM_THREADS if set, else cores / local "
-                        "processes)")
+                   help="torch threads per process (default: as training, OMP_NUM_THREADS if "
+                        "set, else cores / local processes)")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
     args = p.parse_args(argv)
     args.hidden = args.hidden or (256 if args.quick else 512)

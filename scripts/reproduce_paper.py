@@ -94,13 +94,19 @@ def wait_for_quiet(max_load: float, max_wait: float, log) -> tuple[float, float]
     return loadavg(), time.time() - t0
 
 
+def replica_nic_gbps(scale: float) -> float:
+    """NIC of a replica node: johnny's NICs (Gb/s) x scale."""
+    import yaml
+
+    return sum(n["gbps"] for n in yaml.safe_load(JOHNNY.read_text())["nics"]) * scale
+
+
 def write_replica_yaml(path: Path, scale: float) -> float:
     """Replica cluster for the perf model / shadow predictor: local-cpu compute, scaled NIC."""
     import yaml
 
     local = yaml.safe_load(LOCAL_CPU.read_text())
-    johnny = yaml.safe_load(JOHNNY.read_text())
-    nic = sum(n["gbps"] for n in johnny["nics"]) * scale
+    nic = replica_nic_gbps(scale)
     spec = {
         "name": "johnny-replica",
         "description": f"johnny x {scale} on this VM: 2 nodes x 1 worker, NIC {nic:.4g} Gb/s; "
@@ -179,7 +185,8 @@ def parse_args(argv=None):
     p.add_argument("--max-load", type=float, default=2.5,
                    help="wait while the 1-min load average is above this (default: %(default)s)")
     p.add_argument("--max-wait", type=float, default=120.0,
-                   help="longest wait for a quiet machine before each run, s (default: %(default)s)")
+                   help="longest wait for a quiet machine before each run, s "
+                        "(default: %(default)s)")
     p.add_argument("--timeout", type=int, default=240,
                    help="emulator --timeout per bench run, s (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -209,7 +216,9 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     replica = runs / "johnny-replica.yaml"
-    nic = write_replica_yaml(replica, args.scale)
+    # --report-only reads the runs directory (committed data by default) and writes nothing there
+    nic = (replica_nic_gbps(args.scale) if args.report_only
+           else write_replica_yaml(replica, args.scale))
     links = link_plan(args.scale)
     log(f"johnny replica at scale {args.scale}:")
     for name, kind, cg, mbit in links:
@@ -271,7 +280,8 @@ def main(argv=None) -> int:
             sweep[sc] = results[(0.0, "schedule")]
             continue
         rep = runs / f"johnny-replica-{sc:g}.yaml"
-        write_replica_yaml(rep, sc)
+        if not args.report_only:
+            write_replica_yaml(rep, sc)
         jp = runs / f"sweep{sc:g}_schedule.json"
         s = run(f"sweep scale {sc}", bench_cmd(args, sizes, 0.0, schedule, jp, rep, sc), jp)
         if s is not None:

@@ -210,10 +210,14 @@ class FasterMoELayer(MoELayer):
             return float(p(np.asarray(counts.sum() / counts.shape[0])))
         return float(p)
 
-    def select_shadows(self, counts: torch.Tensor) -> list[int]:
+    def select_shadows(self, counts: torch.Tensor,
+                       predictions: Optional[dict[tuple[int, ...], LayerPrediction]] = None
+                       ) -> list[int]:
         """Experts to shadow for this [W, E] count matrix under the configured policy.
 
         Deterministic and identical on every rank of the EP group (same all-gathered counts).
+        With policy ``model``, every prediction the greedy makes is stored in ``predictions``
+        (keyed by the shadow tuple), so the caller need not predict the chosen set again.
         """
         W = counts.shape[0]
         if self.shadow_policy == "never" or W < 2:
@@ -221,7 +225,13 @@ class FasterMoELayer(MoELayer):
         if self.shadow_policy == "top_k":
             return [int(e) for e in top_k_shadows(counts, self.options.fastermoe.shadow.max_experts)]
         if self.shadow_policy == "model":
-            return choose_shadows_by_cost(counts, lambda s: self.predict(counts, s).total_s)
+            seen = {} if predictions is None else predictions
+
+            def cost(shadows: list[int]) -> float:
+                seen[tuple(shadows)] = pred = self.predict(counts, shadows)
+                return pred.total_s
+
+            return choose_shadows_by_cost(counts, cost)
         c = counts.numpy().astype(np.float64)
         return [int(e) for e in choose_shadows(
             c, self.num_local_experts, H=self._H, alpha=self._alpha,
@@ -282,9 +292,12 @@ class FasterMoELayer(MoELayer):
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """Shadowed experts locally, the rest by the grouped pairwise exchange."""
         counts = self.token_dispatcher.counts
-        shadows = self.select_shadows(counts)
+        predictions: dict[tuple[int, ...], LayerPrediction] = {}
+        shadows = self.select_shadows(counts, predictions)
         self.last_shadows = list(shadows)
-        pred = self.predict(counts, shadows)
+        pred = predictions.get(tuple(shadows))
+        if pred is None:  # policies other than `model` predict nothing while choosing
+            pred = self.predict(counts, shadows)
         self.last_predicted_s = None if pred is None else float(pred.total_s)
         logger.debug("layer %s: shadows %s, predicted %s s", self.layer_number, shadows,
                      self.last_predicted_s)

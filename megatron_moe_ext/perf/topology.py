@@ -477,7 +477,8 @@ class Topology:
 
     @cached_property
     def _pair_bottleneck(self) -> np.ndarray:
-        """[N, N] bytes/s: the narrowest link on the path between two workers (inf on the diagonal)."""
+        """[N, N] bytes/s: the narrowest link on the path between two workers (inf on the
+        diagonal)."""
         n = self.num_workers
         bw = np.full((n, n), np.inf)
         for a in range(n):
