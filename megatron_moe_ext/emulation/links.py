@@ -1,0 +1,203 @@
+"""The link plan of an emulated cluster: which cluster link becomes which token-bucket (tbf) rate
+limit on which device, scaled by local GEMM throughput / cluster GEMM throughput.
+
+Pure functions of the cluster description (:class:`~megatron_moe_ext.perf.topology.ClusterSpec`)
+apart from :func:`measure_local_gemm_tflops`; nothing here runs ``ip`` or ``tc`` (that is
+:class:`.netns.EmulatedCluster`). See :mod:`.netns` for where each limit sits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..perf.topology import GBIT, ClusterSpec, Topology
+from .namespaces import EmulationError
+
+NODE_IF = "eth0"
+"""Interface of a node namespace facing the switch (GLOO_SOCKET_IFNAME)."""
+
+MEMORY_KINDS = frozenset({"loopback", "memory", "shm", "local"})
+"""Intra-node link kinds that already are memory: no rate limit on ``lo``."""
+
+TBF_LATENCY_MS = 10
+"""tbf queue length, in ms at the limited rate (a shallow, switch-like buffer; at 10 ms
+bulk TCP transfers saw no drops, at 2 ms they did)."""
+
+TBF_BURST_S = 1e-3
+"""tbf bucket size, in seconds at the limited rate (at least :data:`_MIN_BURST`)."""
+
+_MIN_BURST = {"lo": 128 * 1024}
+"""Minimum tbf burst in bytes per device. lo's MTU is 64 KiB, and a packet larger than the
+bucket is dropped there."""
+_DEFAULT_MIN_BURST = 128 * 1024
+"""veth: larger than a 64 KiB GSO packet, so that tbf passes it whole. With a smaller bucket
+tbf segments every GSO packet into MTU-sized ones, and the per-packet work on the shared cores
+slowed the workers' GEMMs by 50-90 % while a transfer was in flight (8 % with 128 KiB)."""
+
+
+# --------------------------------------------------------------------------------------
+# GEMM throughput and scale
+# --------------------------------------------------------------------------------------
+
+
+def measure_local_gemm_tflops(
+    seconds: float = 1.0, shape: tuple[int, int, int] = (2048, 1024, 1024), threads: int = 1,
+    dtype: str = "fp32",
+) -> float:
+    """Achieved GEMM throughput of this machine in TFLOP/s: ``torch.mm`` of an (m x k) by
+    (k x n) matrix (default: 2048 tokens, H 1024, F 1024, an expert-MLP-sized GEMM) repeated
+    for about ``seconds`` on ``threads`` threads."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    m, k, n = shape
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(m, k, generator=gen).to(torch_dtype)
+        b = torch.randn(k, n, generator=gen).to(torch_dtype)
+        out = torch.empty(m, n, dtype=torch_dtype)
+        torch.mm(a, b, out=out)  # warm-up
+        iters, t0 = 0, time.perf_counter()
+        elapsed = 0.0
+        while (elapsed < seconds or iters < 2) and iters < 100_000:
+            torch.mm(a, b, out=out)
+            iters += 1
+            elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(prev)
+    return 2.0 * m * n * k * iters / elapsed / 1e12
+
+
+def auto_scale(spec: ClusterSpec, dtype: str = "fp32", local_tflops: float | None = None) -> float:
+    """Scale factor for every link: local GEMM TFLOP/s (measured when not given) divided by
+    the cluster's ``gemm_tflops[dtype]``. Keeps the cluster's compute-to-communication ratio."""
+    if dtype not in spec.gemm_tflops:
+        raise EmulationError(f"{spec.name}: no gemm_tflops for {dtype!r} "
+                             f"(have {sorted(spec.gemm_tflops)})")
+    if local_tflops is None:
+        local_tflops = measure_local_gemm_tflops(dtype=dtype)
+    return float(local_tflops) / float(spec.gemm_tflops[dtype])
+
+
+# --------------------------------------------------------------------------------------
+# Link plan
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmulatedLink:
+    """One rate limit of the emulation: a cluster link scaled and put on one or more devices."""
+
+    name: str
+    """``node<k>.nic`` or ``node<k>.intra``."""
+    kind: str
+    """``nic`` or the cluster's intra-node link kind (e.g. ``pcie``)."""
+    cluster_gbps: float
+    """One-direction bandwidth in the cluster, Gbit/s."""
+    scale: float
+    """Factor applied to every link."""
+    devices: tuple[tuple[str, str], ...]
+    """(namespace label, device) pairs that get a tbf on egress; label ``node<k>`` or ``sw``."""
+    delay_ms: float = 0.0
+    """netem delay added on the first device (0: none)."""
+
+    @property
+    def rate_mbit(self) -> float:
+        """Emulated rate in Mbit/s."""
+        return self.cluster_gbps * self.scale * 1000.0
+
+    @property
+    def rate_bytes(self) -> float:
+        """Emulated rate in bytes/s."""
+        return self.cluster_gbps * self.scale * GBIT
+
+    def describe(self) -> str:
+        """One line: cluster rate, scale, emulated rate and where the limit sits."""
+        where = ", ".join(f"{label}:{dev}" for label, dev in self.devices)
+        delay = f", +{self.delay_ms:g} ms one way" if self.delay_ms else ""
+        return (f"{self.name:<12} {self.kind:<6} {self.cluster_gbps:8.2f} Gbit/s x {self.scale:.4g}"
+                f" = {self.rate_mbit:10.2f} Mbit/s  (tbf on {where}{delay})")
+
+
+@dataclass(frozen=True)
+class IntraNodeLink:
+    """The slowest worker-to-worker path inside one node of a cluster."""
+
+    gbps: float
+    """Bottleneck bandwidth of that path, Gbit/s."""
+    kind: str
+    """Kind of the bottleneck link."""
+    memory: bool
+    """True when every link on the path is memory-like (:data:`MEMORY_KINDS`)."""
+
+
+def intra_node_link(spec: ClusterSpec) -> IntraNodeLink | None:
+    """Bottleneck of the slowest path between two workers of node 0; None with one worker."""
+    if spec.workers_per_node < 2:
+        return None
+    topo = Topology(spec)
+    best: tuple[float, str, bool] | None = None
+    for s in range(spec.workers_per_node):
+        for d in range(spec.workers_per_node):
+            if s == d:
+                continue
+            path = topo.path(s, d)
+            slow = min(path, key=lambda ln: ln.bandwidth)
+            memory = all(ln.kind in MEMORY_KINDS for ln in path)
+            cand = (slow.bandwidth, slow.kind, memory)
+            if best is None or cand[0] < best[0]:
+                best = cand
+    assert best is not None
+    return IntraNodeLink(gbps=best[0] / GBIT, kind=best[1] or "intra", memory=best[2])
+
+
+def _worker_index(vertex: str) -> int | None:
+    return int(vertex[1:]) if vertex[:1] == "w" and vertex[1:].isdigit() else None
+
+
+def node_nic_gbps(spec: ClusterSpec, workers_per_node: int) -> float:
+    """Aggregate NIC bandwidth (Gbit/s) of one emulated node: every NIC hanging off a switch or
+    socket, plus the NICs attached to the workers that are emulated (``w<i>``, i < W). So a
+    cluster with one NIC per GPU (dgx-h100) gives an emulated 1-worker node one NIC, not 8."""
+    total = 0.0
+    for nic in spec.nics:
+        idx = _worker_index(nic.attach)
+        if idx is None or idx < workers_per_node:
+            total += nic.gbps * nic.count
+    if total == 0.0:
+        raise EmulationError(f"{spec.name}: no NIC serves the first {workers_per_node} "
+                             "worker(s) of a node")
+    return total
+
+
+def plan_links(
+    spec: ClusterSpec, scale: float, nodes: int, workers_per_node: int, delay_ms: float = 0.0,
+    intra_limit: bool = True,
+) -> list[EmulatedLink]:
+    """The rate limits for ``nodes`` x ``workers_per_node`` emulated workers of ``spec``."""
+    links: list[EmulatedLink] = []
+    if nodes > 1:
+        if not spec.nics:
+            raise EmulationError(f"{spec.name}: the cluster has no NIC, cannot emulate {nodes} "
+                                 "nodes (use --nodes 1)")
+        nic_gbps = node_nic_gbps(spec, workers_per_node)
+        for k in range(nodes):
+            links.append(EmulatedLink(f"node{k}.nic", "nic", nic_gbps, scale,
+                                      ((f"node{k}", NODE_IF), ("sw", f"p{k}")), delay_ms))
+    if workers_per_node > 1 and intra_limit:
+        intra = intra_node_link(spec)
+        if intra is not None and not intra.memory:
+            for k in range(nodes):
+                links.append(EmulatedLink(f"node{k}.intra", intra.kind, intra.gbps, scale,
+                                          ((f"node{k}", "lo"),)))
+    return links
+
+
+def tbf_args(rate_bytes: float, dev: str) -> list[str]:
+    """``tbf rate .. burst .. latency ..`` for a rate in bytes/s on ``dev``."""
+    kbit = max(8, int(round(rate_bytes * 8 / 1000)))
+    burst = max(_MIN_BURST.get(dev, _DEFAULT_MIN_BURST), int(rate_bytes * TBF_BURST_S))
+    return ["tbf", "rate", f"{kbit}kbit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
