@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 from ..perf.topology import ClusterSpec
-from .links import (  # noqa: F401 -- re-exported: the public names of the link plan
+from .links import (  # noqa: F401 -- used here and re-exported
     MEMORY_KINDS,
     NODE_IF,
     TBF_BURST_S,
@@ -60,7 +60,7 @@ from .links import (  # noqa: F401 -- re-exported: the public names of the link 
     plan_links,
     tbf_args,
 )
-from .namespaces import (  # noqa: F401 -- re-exported: the public names of the host side
+from .namespaces import (  # noqa: F401 -- used here and re-exported
     NS_RE,
     PREFIX,
     EmulationError,

@@ -29,18 +29,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 from megatron_moe_ext.config import Config
-from megatron_moe_ext.training.datasets import (  # noqa: F401 -- re-exported
+from megatron_moe_ext.training.datasets import (  # noqa: F401 -- re-exported: one import path
     BERT_LONG_SENTENCE_LEN,
-    _bert_tokenizer_check,
-    _cache_dir,
-    _check_splits,
-    _disable_mask_cache,
-    _rank_zero_without_process_group,
-    _split_bounds,
     build_datasets,
     resolve_data_prefix,
 )
-from megatron_moe_ext.training.tokenizers import (  # noqa: F401 -- re-exported
+from megatron_moe_ext.training.tokenizers import (  # noqa: F401 -- re-exported: one import path
     CLS,
     EOD,
     MASK,
