@@ -35,6 +35,7 @@ is not the machine you run on: run ``scripts/calibrate.py`` before trusting its 
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import platform
@@ -299,6 +300,8 @@ def _calibration(source: str, raw: Any) -> Optional[dict[str, Any]]:
     _check_keys(f"{source}: calibration", raw, set(CALIBRATION_KEYS), ())
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            value = value.isoformat()  # YAML reads an unquoted 2026-11-22 as a date
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ClusterSpecError(f"{source}: calibration.{key}: expected a string or a number, "
                                    f"got {value!r}")
@@ -335,37 +338,52 @@ def _plain(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
+class _FlowList(list):
+    """A list written in YAML flow style (``[64, 0.06]``)."""
+
+
+class _FlowDict(dict):
+    """A mapping written in YAML flow style (``{a: w0, b: host, gbps: 18.86}``)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper writing :class:`_FlowList` / :class:`_FlowDict` inline, the rest as blocks."""
+
+
+_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence(
+    "tag:yaml.org,2002:seq", v, flow_style=True))
+_Dumper.add_representer(_FlowDict, lambda d, v: d.represent_mapping(
+    "tag:yaml.org,2002:map", v.items(), flow_style=True))
+
+
+def _link_dict(obj: LinkSpec | NicSpec, ends: dict[str, Any]) -> _FlowDict:
+    """One link / NIC entry; keys at their defaults (count 1, latency 0, no kind) omitted."""
+    out = _FlowDict(ends, gbps=_plain(obj.gbps))
+    if obj.count != 1:
+        out["count"] = obj.count
+    if obj.latency_us:
+        out["latency_us"] = _plain(obj.latency_us)
+    if isinstance(obj, LinkSpec) and obj.kind:
+        out["kind"] = obj.kind
+    return out
+
+
 def cluster_to_dict(spec: ClusterSpec) -> dict[str, Any]:
-    """The YAML mapping of ``spec``: ``cluster_spec_from_dict(cluster_to_dict(s)) == s``.
-
-    Keys left at their defaults (``count: 1``, ``latency_us: 0``, empty ``kind``) are omitted.
-    """
-    def optional(obj: LinkSpec | NicSpec) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        if obj.count != 1:
-            extra["count"] = obj.count
-        if obj.latency_us:
-            extra["latency_us"] = _plain(obj.latency_us)
-        if getattr(obj, "kind", ""):
-            extra["kind"] = obj.kind  # type: ignore[union-attr]
-        return extra
-
+    """The YAML mapping of ``spec``: ``cluster_spec_from_dict(cluster_to_dict(s)) == s``."""
     out: dict[str, Any] = {"name": spec.name}
     if spec.description:
         out["description"] = spec.description
     out.update(nodes=spec.nodes, workers_per_node=spec.workers_per_node,
-               gemm_tflops={k: _plain(v) for k, v in spec.gemm_tflops.items()})
+               gemm_tflops=_FlowDict((k, _plain(v)) for k, v in spec.gemm_tflops.items()))
     if spec.gemm_curve:
-        out["gemm_curve"] = {k: [[_plain(t), _plain(f)] for t, f in pts]
+        out["gemm_curve"] = {k: _FlowList(_FlowList([_plain(t), _plain(f)]) for t, f in pts)
                              for k, pts in spec.gemm_curve.items()}
     if spec.duplex != "full":
         out["duplex"] = spec.duplex
-    out["links"] = [{"a": ln.a, "b": ln.b, "gbps": _plain(ln.gbps), **optional(ln)}
-                    for ln in spec.links]
+    out["links"] = [_link_dict(ln, {"a": ln.a, "b": ln.b}) for ln in spec.links]
     if spec.nics:
-        out["nics"] = [{"attach": n.attach, "gbps": _plain(n.gbps), **optional(n)}
-                       for n in spec.nics]
-    out["inter_node"] = {"switch": spec.inter_switch}
+        out["nics"] = [_link_dict(nic, {"attach": nic.attach}) for nic in spec.nics]
+    out["inter_node"] = _FlowDict(switch=spec.inter_switch)
     if spec.calibration is not None:
         out["calibration"] = dict(spec.calibration)
     return out
@@ -380,8 +398,8 @@ def save_cluster(spec: ClusterSpec, path: str | Path, *, comment: str = "") -> N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines())
-    body = yaml.safe_dump(cluster_to_dict(spec), sort_keys=False, default_flow_style=None,
-                          width=100, allow_unicode=True)
+    body = yaml.dump(cluster_to_dict(spec), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=False, width=1 << 20, allow_unicode=True)
     path.write_text(header + body, encoding="utf-8")
     if load_cluster(path) != spec:
         raise ClusterSpecError(f"{path}: written file does not load back as the same spec")
@@ -425,22 +443,24 @@ def this_machine() -> dict[str, Any]:
 def calibration_note(spec: ClusterSpec) -> Optional[str]:
     """A warning when ``spec`` was calibrated on another machine, else None.
 
-    None for descriptions without ``calibration`` (nominal numbers) and for calibrations whose
-    recorded ``machine_id`` (or, without one, host, CPU model and cores) match this machine.
-    A calibration that records none of these cannot be matched and counts as foreign.
+    None for descriptions without ``calibration`` (nominal numbers) and for a calibration whose
+    ``machine_id`` is this machine's. Machines of one kind share host names and core counts,
+    so without a machine id a calibration counts as foreign (unless this machine has no id
+    either and host, CPU model and cores all match).
     """
     cal = spec.calibration
     if cal is None:
         return None
     here = this_machine()
-    keys = ["machine_id"] if cal.get("machine_id") else [
-        k for k in ("host", "cpu", "cores") if k in cal]
-    if keys and all(str(cal[k]) == str(here[k]) for k in keys):
+    if cal.get("machine_id"):
+        same = str(cal["machine_id"]) == here["machine_id"]
+    else:
+        keys = ("host", "cpu", "cores")
+        same = not here["machine_id"] and all(str(cal.get(k)) == str(here[k]) for k in keys)
+    if same:
         return None
     where = ", ".join(f"{k} {cal[k]}" for k in ("host", "cpu", "gpu", "cores", "clock",
                                                   "date_utc", "tool") if k in cal)
     return (f"cluster {spec.name!r} was calibrated on another machine ({where or 'unknown'}; "
             f"this one: host {here['host']}, {here['cores']} cores, cpu {here['cpu']}): its "
             "predictions may be far off here; run scripts/calibrate.py first")
-
-
