@@ -233,3 +233,10 @@ def test_make_counts() -> None:
     z1, z2 = make_counts(4, 8, 1000, 2, zipf=1.5, seed=7), make_counts(4, 8, 1000, 2, 1.5, 7)
     assert (z1 == z2).all() and z1.sum(axis=1).tolist() == [2000] * 4
     assert z1.sum(axis=0).max() > 3 * z1.sum(axis=0).mean() / 2
+
+
+@pytest.mark.parametrize("g", [3, 8, 0])
+def test_group_size_must_divide_the_workers(g: int) -> None:
+    """No silent clamping: the model rejects a group size the plan would reject."""
+    with pytest.raises(ValueError, match="moe.fastermoe.group_size"):
+        pm.predict_layer(BALANCED, None, H, ALPHA, B, star(), schedule="smart", group_size=g)
