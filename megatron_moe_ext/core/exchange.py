@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .comm_priority import exchange_in_flight
 from .plan import ExchangePlan, build_plan
 from .trace import Tracer
 
@@ -382,7 +383,8 @@ def _backward(cfg: _Config, graphs: list[list[_ChunkGraph]], grad_out: torch.Ten
 class _SmartExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, tokens: torch.Tensor, probs: torch.Tensor, *params):
-        out, graphs = _forward(cfg, tokens, probs)
+        with exchange_in_flight():  # gradient reductions wait (train.comm_priority)
+            out, graphs = _forward(cfg, tokens, probs)
         ctx.cfg = cfg
         ctx.graphs = graphs
         ctx.params = params
@@ -398,7 +400,8 @@ class _SmartExchange(torch.autograd.Function):
         tokens_like = torch.empty(shape, dtype=dtype, device=device)
         shape, dtype, device = ctx.probs_meta
         probs_like = torch.empty(shape, dtype=dtype, device=device)
-        gx, gp, gparams = _backward(cfg, ctx.graphs, grad_out, tokens_like, probs_like, ctx.params)
+        with exchange_in_flight():
+            gx, gp, gparams = _backward(cfg, ctx.graphs, grad_out, tokens_like, probs_like, ctx.params)
         ctx.graphs = None
         ctx.params = None
         needs = ctx.needs_input_grad
