@@ -291,6 +291,8 @@ class CommPriorityScheduler:
         self.signal = signal if signal is not None else _SIGNAL
         self.device = torch.device(device) if device is not None else None
         self._cuda = self.device is not None and self.device.type == "cuda"
+        if self._cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._lanes: dict[Hashable, _Lane] = {}
         self._lock = threading.Lock()
         self.records: list[ChunkRecord] = []
@@ -394,19 +396,17 @@ class CommPriorityScheduler:
             if chunk.held and self._end_event is not None:
                 self._stream.wait_event(self._end_event)
             work = chunk.issue()
+            if work is not None:
+                work.wait()  # side stream waits for NCCL's stream (host does not block)
             done = torch.cuda.Event()
             done.record(self._stream)
         return work, done
 
     def _wait(self, work: Any, done: Any) -> None:
-        if work is not None:
-            if self._cuda:
-                with torch.cuda.stream(self._stream):
-                    work.wait()
-            else:
-                work.wait()
-        if done is not None:
+        if done is not None:  # CUDA: the chunk's completion on the side stream
             done.synchronize()
+        elif work is not None:
+            work.wait()
 
     def _record(self, lane: Hashable, chunk: _Chunk) -> None:
         rec = ChunkRecord(lane, chunk.label, chunk.nbytes, time.perf_counter() - chunk.submitted,

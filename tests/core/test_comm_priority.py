@@ -282,3 +282,33 @@ def test_chunked_reductions_with_three_ranks_stay_within_reordering_rounding(tmp
     Megatron bucket_size would): bounded by 4 eps sum|x| elementwise (docs/lina.md)."""
     spawn(_bitwise_worker, 3, str(tmp_path))
     _check_bitwise(tmp_path, 3, bitwise=False)
+
+
+def _cuda_worker(rank: int, world: int, out: str) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl")
+    sig = ExchangeSignal()
+    sched = CommPriorityScheduler(chunk_bytes=4 * 1000, signal=sig, device=torch.device("cuda"))
+    buf = torch.randn(50_000, device="cuda", generator=torch.Generator("cuda").manual_seed(rank))
+    whole = buf.clone()
+    dist.all_reduce(whole)
+    sig.begin()
+    for i, (issue, nbytes) in enumerate(all_reduce_chunks(buf, dist.group.WORLD,
+                                                          dist.ReduceOp.SUM, sched.chunk_bytes)):
+        sched.submit("dp", f"c{i}", issue, nbytes)
+    held = sched.pending()
+    sig.end()
+    sched.flush(timeout_s=60)
+    ok = bool(torch.equal(whole, buf)) if world <= 2 else bool(torch.allclose(whole, buf))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"held": held, "ok": ok}))
+    sched.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL, streams and events)")
+def test_cuda_streams_and_events_path(tmp_path):
+    world = min(2, torch.cuda.device_count())
+    spawn(_cuda_worker, world, str(tmp_path))
+    for r in range(world):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert res["held"] == 50 and res["ok"], res

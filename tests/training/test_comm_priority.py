@@ -19,7 +19,7 @@ from tests.training.conftest import MOCK, run_args
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = [*MOCK, "train.iters=4", "parallel.expert=2", "train.overlap_grad_reduce=true",
-        "train.ddp_bucket_size=4000", "train.grad_reduce_chunk_mb=0.004"]
+        "train.ddp_bucket_size=4000", "train.grad_reduce_chunk_mb=0.001"]
 
 
 def _err(*overrides: str) -> str:
