@@ -123,7 +123,9 @@ def _chunked_start_grad_sync(self: Any, force_all_reduce: Optional[bool] = False
     group = (self.intra_distributed_optimizer_instance_group if ddp.use_distributed_optimizer
              else self.data_parallel_group)
     split = reduce_scatter_chunks if scatter else all_reduce_chunks
-    for bucket in self.buckets:
+    # A sum over one rank is the identity: such a group (expert-DP of size 1) posts nothing.
+    buckets = self.buckets if dist.get_world_size(group) > 1 else []
+    for bucket in buckets:
         for i, (issue, nbytes) in enumerate(split(bucket.grad_data, group, op, sched.chunk_bytes)):
             sched.submit(group, f"bucket{bucket.bucket_id}.{i}", issue, nbytes)
     if ddp.overlap_grad_reduce:
