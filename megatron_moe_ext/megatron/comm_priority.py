@@ -67,21 +67,28 @@ class _FlushHandle:
     def wait(self) -> None:
         self.sched.flush()
         self.check()
-        _report_first_flush(self.sched, self.check, self.first_batch)
+        _report(self.sched, self.check, self.first_batch)
 
 
-def _report_first_flush(sched: CommPriorityScheduler, check: "_ExchangeCheck",
-                        first_batch: bool) -> None:
-    """Log the reduction of the second iteration (in the first one megatron-core launches each
-    bucket group from finish_grad_sync at the end of backward, so nothing can be held)."""
+def _report(sched: CommPriorityScheduler, check: "_ExchangeCheck", first_batch: bool) -> None:
+    """Count the reduction's chunks; log the totals from iteration 2 on after 1, 2, 4, 8, ...
+    iterations (in the first iteration megatron-core launches each bucket group from finish_grad_sync at
+    the end of backward, so nothing can be held there)."""
     recs = sched.clear_records()
-    if check.reported or first_batch or not recs:
+    if first_batch or not recs:
         return
-    check.reported = True
     held = [r for r in recs if r.held_by_exchange]
-    logger.info("comm_priority moe_first, reduction of iteration 2: %d chunks (%.2f MiB), %d held behind "
-                "an MoE exchange (longest %.1f ms)", len(recs), sum(r.nbytes for r in recs) / 2**20,
-                len(held), 1e3 * max((r.held_s for r in held), default=0.0))
+    check.iterations += 1
+    check.chunks += len(recs)
+    check.held += len(held)
+    check.longest_s = max([check.longest_s] + [r.held_s for r in held])
+    logger.debug("comm_priority flush: %d chunks, %d held behind an MoE exchange",
+                 len(recs), len(held))
+    n = check.iterations
+    if n & (n - 1) == 0:
+        logger.info("comm_priority moe_first, %d iteration(s) from iteration 2: %d chunks, "
+                    "%d held behind an MoE exchange (longest %.1f ms)", n, check.chunks,
+                    check.held, 1e3 * check.longest_s)
 
 
 class _ExchangeCheck:
@@ -92,7 +99,8 @@ class _ExchangeCheck:
         self.impl = impl
         self.begins0 = exchange_signal().begins
         self.done = False
-        self.reported = False
+        self.iterations = self.chunks = self.held = 0
+        self.longest_s = 0.0
 
     def __call__(self) -> None:
         if self.done:

@@ -3,7 +3,8 @@ DDP): config rules, and losses / grad norms bit-identical with the priority on a
 
 2 processes with parallel.expert=2: the dense parameters are data-parallel over both (DP=2),
 the experts expert-parallel. Small DDP buckets (train.ddp_bucket_size) make reductions start
-during backward, so some chunks are really held behind an MoE exchange (logged and checked).
+during backward, so chunks are really held behind an MoE exchange (logged and checked: whether
+one is queued when an exchange starts is a matter of timing, so over iterations 2-5).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tests.helpers import read_metrics, torchrun
 from tests.training.conftest import MOCK, run_args
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = [*MOCK, "train.iters=4", "parallel.expert=2", "train.overlap_grad_reduce=true",
+BASE = [*MOCK, "train.iters=6", "parallel.expert=2", "train.overlap_grad_reduce=true",
         "train.ddp_bucket_size=4000", "train.grad_reduce_chunk_mb=0.001"]
 
 
@@ -51,10 +52,10 @@ def _run(tmp: Path, *extra: str) -> tuple[list[tuple[int, float, float]], str]:
 def test_losses_bit_identical_with_and_without_priority(tmp_path, impl):
     off, _ = _run(tmp_path / "off", f"moe.impl={impl}")
     on, log = _run(tmp_path / "on", f"moe.impl={impl}", "train.comm_priority=moe_first")
-    assert [r[0] for r in on] == [1, 2, 3, 4]
+    assert [r[0] for r in on] == [1, 2, 3, 4, 5, 6]
     assert on == off  # loss and grad norm of every step, bit for bit
-    m = re.search(r"reduction of iteration 2: (\d+) chunks .* (\d+) held behind an MoE exchange", log)
-    assert m, log[-3000:]
-    chunks, held = int(m.group(1)), int(m.group(2))
-    assert chunks > 10, "the reduction was not cut into chunks"
+    reports = re.findall(r"(\d+) iteration\(s\) from iteration 2: (\d+) chunks, (\d+) held", log)
+    assert [int(r[0]) for r in reports] == [1, 2, 4], log[-3000:]
+    chunks, held = int(reports[-1][1]), int(reports[-1][2])
+    assert chunks > 40, "the reduction was not cut into chunks"
     assert held > 0, "no chunk was ever held behind an exchange: the priority did nothing"
