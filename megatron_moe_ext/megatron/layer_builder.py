@@ -20,8 +20,10 @@ with exact per-expert counts from :func:`megatron_moe_ext.routing.zipf_expert_co
 generator, also behind the performance-model tools); token order is shuffled by a generator
 seeded identically for both implementations.
 
-Timing helpers for scripts/bench_moe_layer.py live at the end (:class:`Region`, :func:`time_layer`,
-:class:`Alone`, :func:`max_over_ranks`); all ranks must call them together (they use barriers).
+Timing helpers for the layer benchmark (megatron_moe_ext/bench/layer.py) live at the end
+(:class:`Region`, :func:`time_layer`, :class:`Alone`, :func:`max_over_ranks`); all ranks must
+call them together (they use barriers). So does Megatron's parallel state for a benchmark:
+:func:`init_expert_parallel` / :func:`destroy_expert_parallel`.
 
 Notation: T tokens of this rank (S * B), E experts, k top-k, H hidden size.
 """
@@ -49,6 +51,9 @@ __all__ = [
     "time_layer",
     "Alone",
     "max_over_ranks",
+    "init_expert_parallel",
+    "destroy_expert_parallel",
+    "megatron_version",
 ]
 
 
@@ -278,3 +283,35 @@ class Alone:
         with Region(self.sync) as bwd:
             y.backward(torch.ones_like(y))
         return fwd, bwd
+
+
+# --------------------------------------------------------------------------------------
+# Megatron's parallel state for the benchmarks (pure expert parallelism)
+# --------------------------------------------------------------------------------------
+
+
+def init_expert_parallel(world: int, seed: int):
+    """Initialise Megatron's model-parallel state with expert parallelism = ``world`` (the
+    default process group must exist) and its RNG tracker with ``seed``; returns the
+    ProcessGroupCollection of the layers. Undo with :func:`destroy_expert_parallel`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    ps.initialize_model_parallel(expert_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_expert_parallel() -> None:
+    """Tear down what :func:`init_expert_parallel` set up."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+
+
+def megatron_version() -> str:
+    """The megatron-core version string ("?" when it has none)."""
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "?")
