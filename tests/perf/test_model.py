@@ -83,7 +83,7 @@ def test_routing_matrix_from_expert_counts() -> None:
     placement = pm.default_placement(4, 2)
     assert list(placement) == [0, 0, 1, 1]
     assert pm.routing_matrix(counts, placement, 2).tolist() == [[3, 7], [11, 15]]
-    assert pm.expert_loads(counts).tolist() == [6, 8, 10, 12]
+    assert pm.worker_loads(pm.routing_matrix(counts, placement, 2)).tolist() == [14, 22]
 
 
 def test_sync_e2e_and_predict_layer() -> None:
