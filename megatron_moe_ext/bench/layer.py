@@ -124,22 +124,19 @@ def layer_overrides(opts: LayerBenchOptions, world: int) -> list[str]:
 def predict(counts: Any, opts: LayerBenchOptions, world: int, shadows: Sequence[int] = (),
             cluster: Optional[str] = None) -> dict[str, Any]:
     """Performance-model predictions of the layer for the [W, E] ``counts``: sync for megatron,
-    smart with g and ``shadows`` for fastermoe, with the cluster ``cluster`` (default
+    smart with g and ``shadows`` for fastermoe, on the topology the layer itself uses for its
+    expert-parallel group (``perf.topology.ep_topology``) of the cluster ``cluster`` (default
     ``opts.cluster``). Never raises: a failed prediction is reported under ``error``."""
     import numpy as np
 
     from megatron_moe_ext.perf.model import predict_layer
-    from megatron_moe_ext.perf.topology import build_topology, load_cluster
+    from megatron_moe_ext.perf.topology import ep_topology
 
     cluster = str(opts.cluster if cluster is None else cluster)
     res: dict[str, Any] = {"cluster": cluster}
     try:
         text = Path(cluster).read_text() if Path(cluster).is_file() else ""
-        # TODO(issue 10): use megatron_moe_ext.perf.topology.ep_topology(cluster, world), the
-        # one EP-group -> topology mapping, once branch h-sched lands it.
-        topo = build_topology(load_cluster(cluster))
-        if topo.num_workers != world:
-            raise ValueError(f"cluster has {topo.num_workers} workers, the run has {world}")
+        topo = ep_topology(cluster, world)  # the layer's EP-group -> topology mapping
         for impl, schedule in (("megatron", "sync"), ("fastermoe", "smart")):
             sh = list(shadows) if impl == "fastermoe" else []
             pred = predict_layer(np.asarray(counts), None, opts.hidden, opts.ffn / opts.hidden,
