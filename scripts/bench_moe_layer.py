@@ -42,6 +42,7 @@ import argparse
 import sys
 
 from megatron_moe_ext.bench.layer import LayerBenchOptions, run
+from megatron_moe_ext.cli import parse_options
 
 D = LayerBenchOptions  # option defaults are the library's
 
@@ -103,11 +104,7 @@ def parse_args(argv=None) -> LayerBenchOptions:
                         "moe.router.load_balancing_type=none)")
     p.add_argument("--log-level", default=D.log_level,
                    help="rank-0 log level (default: %(default)s)")
-    args = p.parse_args(argv)
-    try:
-        return LayerBenchOptions(**vars(args))
-    except ValueError as exc:
-        p.error(str(exc))
+    return parse_options(p, LayerBenchOptions, argv)
 
 
 def main(argv=None) -> int:

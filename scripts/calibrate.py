@@ -65,6 +65,7 @@ from megatron_moe_ext.bench.calibrate import (
     CalibrateOptions,
     run,
 )
+from megatron_moe_ext.cli import parse_options
 
 D = CalibrateOptions  # option defaults are the library's
 
@@ -138,12 +139,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> CalibrateOptions:
                         "set, else cores / local processes)")
     p.add_argument("--log-level", default=D.log_level,
                    help="rank-0 log level (default: %(default)s)")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return CalibrateOptions(**vars(args))
-    except ValueError as exc:
-        p.error(str(exc))
+    return parse_options(p, CalibrateOptions, argv,
+                         argv=list(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,6 +31,7 @@ import logging
 import warnings
 from typing import Optional
 
+from megatron_moe_ext.cli import parse_options
 from megatron_moe_ext.dataprep.preprocess import PreprocessOptions, preprocess
 
 D = PreprocessOptions  # option defaults are the library's
@@ -85,13 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        opts = PreprocessOptions(**vars(args))
-    except ValueError as exc:
-        parser.error(str(exc))
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
+    opts = parse_options(build_parser(), PreprocessOptions, argv)
+    logging.basicConfig(level=opts.log_level, format="%(asctime)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     logging.getLogger("megatron").setLevel(max(logging.WARNING, logging.getLogger().level))
     return preprocess(opts)

@@ -44,6 +44,7 @@ from megatron_moe_ext.bench.validate import (
     ValidateOptions,
     run,
 )
+from megatron_moe_ext.cli import parse_options
 
 
 def _size(text: str) -> tuple[int, int, int]:
@@ -111,11 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
                         "of an earlier run")
     p.add_argument("--json", metavar="PATH", help="write r2, summary and per-point rows")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
-    args = p.parse_args(argv)
-    try:
-        return ValidateOptions(**vars(args))
-    except ValueError as exc:
-        p.error(str(exc))
+    return parse_options(p, ValidateOptions, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
