@@ -83,8 +83,20 @@ class ClusterNotFoundError(ClusterSpecError, FileNotFoundError):
 # --------------------------------------------------------------------------------------
 
 
+class _Bandwidth:
+    """``bandwidth`` of a spec with ``gbps`` per physical link and ``count`` links."""
+
+    gbps: float
+    count: int
+
+    @property
+    def bandwidth(self) -> float:
+        """Aggregate one-direction bandwidth in bytes/s."""
+        return self.gbps * self.count * GBIT
+
+
 @dataclass(frozen=True)
-class LinkSpec:
+class LinkSpec(_Bandwidth):
     """An undirected intra-node connection between two named vertices of a node."""
 
     a: str
@@ -100,14 +112,9 @@ class LinkSpec:
     kind: str = ""
     """Free-form label, e.g. ``pcie``, ``qpi``, ``nvlink``."""
 
-    @property
-    def bandwidth(self) -> float:
-        """Aggregate one-direction bandwidth in bytes/s."""
-        return self.gbps * self.count * GBIT
-
 
 @dataclass(frozen=True)
-class NicSpec:
+class NicSpec(_Bandwidth):
     """A network adapter of every node, between ``attach`` and the inter-node switch."""
 
     attach: str
@@ -118,11 +125,6 @@ class NicSpec:
     """Number of bonded ports; bandwidth multiplies."""
     latency_us: float = 0.0
     """One-way latency in microseconds (informational)."""
-
-    @property
-    def bandwidth(self) -> float:
-        """Aggregate one-direction bandwidth in bytes/s."""
-        return self.gbps * self.count * GBIT
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from ..core.plan import step_matrix
+from ..core.plan import step_matrix, validate_group_size
 from .topology import GemmThroughput, Topology
 
 logger = logging.getLogger(__name__)
@@ -243,10 +243,11 @@ def smart_schedule_times(T: np.ndarray, H: int, alpha: float, dtype_bytes: int,
     """Simulate the grouped pairwise exchange (n = N / g steps) forward and backward.
 
     ``order`` defaults to ``topology.group_order(g)``; ``local_extra`` [N] are tokens each
-    worker computes locally at step 0 (e.g. its own tokens for shadowed experts).
+    worker computes locally at step 0 (e.g. its own tokens for shadowed experts). A group size
+    that does not divide N is a ValueError naming ``moe.fastermoe.group_size``.
     """
-    nw = topology.num_workers
-    g = min(group_size, nw)
+    g = group_size
+    validate_group_size(topology.num_workers, g)  # g must divide N: no silent clamping
     order = topology.group_order(g) if order is None else list(order)
     sends, comps, rets = [], [], []
     for j, tj in enumerate(smart_step_traffic(T, g, order)):
@@ -421,7 +422,7 @@ def predict_layer(counts: np.ndarray, placement: Optional[np.ndarray], H: int, a
         fwd = bcast + dispatch + comp + combine
         bwd = dispatch + 2 * comp + combine + red
     elif schedule == "smart":
-        g = min(group_size, n)
+        g = group_size
         steps = smart_schedule_times(t_routed, H, alpha, b, topology, p, g, local_extra=local)
         fwd, bwd = bcast + steps.fwd_s, steps.bwd_s + red
     else:

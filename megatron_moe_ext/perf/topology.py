@@ -138,6 +138,7 @@ class Topology:
         for ln in self.links:
             self._adj[ln.src].append(ln)
         self._trees: dict[int, dict[str, tuple[DirectedLink, ...]]] = {}
+        self._orders: dict[int, tuple[int, ...]] = {}
         for w in range(self.num_workers):
             tree = self._paths_from(w)
             missing = [d for d in range(self.num_workers) if self.worker_vertex(d) not in tree]
@@ -304,11 +305,18 @@ class Topology:
         Greedy: seed each group with the lowest unassigned worker, then repeatedly add the
         unassigned worker whose farthest distance to the group is smallest (ties: wider
         bottleneck, then lower index). Same-switch / same-node workers end up together.
+        Memoized per group size (the model asks for it on every prediction).
         """
         n = self.num_workers
         if group_size < 1 or n % group_size:
             raise ValueError(f"group_size {group_size} must divide the {n} workers")
-        left = list(range(n))
+        if group_size not in self._orders:
+            self._orders[group_size] = tuple(self._greedy_order(group_size))
+        return list(self._orders[group_size])
+
+    def _greedy_order(self, group_size: int) -> list[int]:
+        """The greedy grouping of :meth:`group_order` (uncached)."""
+        left = list(range(self.num_workers))
         order: list[int] = []
         while left:
             group = [left.pop(0)]
