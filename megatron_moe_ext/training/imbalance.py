@@ -46,7 +46,7 @@ def hot_experts(counts: np.ndarray, top: int) -> tuple[list[list[int]], list[flo
     total = float(excess.sum())
     order = np.argsort(-loads, kind="stable")
     chosen = [int(e) for e in order[:top] if excess[e] > 0]
-    return ([[e, int(round(loads[e]))] for e in chosen],
+    return ([[e, float(loads[e])] for e in chosen],
             [float(excess[e] / total) for e in chosen])
 
 
