@@ -124,7 +124,8 @@ def shadow_saving(counts: np.ndarray, shadows: Sequence[int], H: int, alpha: flo
     if topology is not None and topology.num_workers == c.shape[0]:
         kw = dict(dtype=dtype, schedule="smart", group_size=group_size, gemm=gemm)
         without = predict_layer(c, None, H, alpha, dtype_bytes, topology, **kw)
-        with_ = predict_layer(c, None, H, alpha, dtype_bytes, topology, shadow_experts=shadows, **kw)
+        with_ = predict_layer(c, None, H, alpha, dtype_bytes, topology,
+                              shadow_experts=shadows, **kw)
         return float(without.total_s - with_.total_s)
     W, E = c.shape
     placement = default_placement(E, W)
