@@ -573,7 +573,7 @@ def validate(cfg: Config) -> None:
     _positive("logging.hot_experts", cfg.logging.hot_experts)
     if cfg.logging.tensorboard:
         _require_package("logging.tensorboard: true", "tensorboard", "tensorboard==2.21.0")
-    if cfg.logging.wandb.enabled and cfg.logging.wandb.mode != "disabled":
+    if cfg.logging.wandb.enabled:
         _require_package("logging.wandb.enabled: true", "wandb", "wandb==0.31.0")
     _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
     _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
