@@ -194,7 +194,7 @@ def test_missing_optional_writer_is_a_config_error(monkeypatch, capsys):
     from megatron_moe_ext.config import ConfigError, load_config
     from tests.helpers import REPO
 
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))  # the entry point is a top-level script
     import pretrain_gpt_moe
 
     base = ["data.mock=true", "data.tokenizer.type=none", "model.vocab_size=256"]
