@@ -313,6 +313,13 @@ class LoggingConfig:
     """wandb settings."""
     level: str = "INFO"
     """Log level of rank 0 (others log warnings only)."""
+    imbalance_source: str = "auto"
+    """Per-rank expert compute time behind the imbalance cost of each MoE layer: `measured`
+    (forward expert time timed on every rank, backward taken as 2x forward), `estimated` (from
+    the routed loads with the performance model on moe.fastermoe.cluster) or `auto` (measured
+    where the experts are per-expert modules, else estimated)."""
+    hot_experts: int = 3
+    """How many of the most loaded experts each MoE layer's record names (`hot_experts`)."""
 
 
 @dataclass
@@ -561,8 +568,28 @@ def validate(cfg: Config) -> None:
     _positive("logging.interval", cfg.logging.interval)
     _choice("logging.level", cfg.logging.level, ["DEBUG", "INFO", "WARNING", "ERROR"])
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["offline", "online", "disabled"])
+    _choice("logging.imbalance_source", cfg.logging.imbalance_source,
+            ["auto", "measured", "estimated"])
+    _positive("logging.hot_experts", cfg.logging.hot_experts)
+    if cfg.logging.tensorboard:
+        _require_package("logging.tensorboard: true", "tensorboard", "tensorboard==2.21.0")
+    if cfg.logging.wandb.enabled:
+        _require_package("logging.wandb.enabled: true", "wandb", "wandb==0.31.0")
     _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
     _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
+
+
+def _require_package(setting: str, module: str, pin: str) -> None:
+    """A requested optional writer whose package is not importable is a config error."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules as None: import blocked
+        found = False
+    if not found:
+        raise ConfigError(f"config key '{setting.split(':')[0]}': {setting} needs the "
+                          f"'{module}' package, which is not installed: pip install {pin}")
 
 
 def _validate_topology_gate(r: RouterConfig) -> None:
