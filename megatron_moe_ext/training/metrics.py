@@ -22,6 +22,16 @@ from megatron_moe_ext.config import Config, ConfigError
 logger = logging.getLogger(__name__)
 
 
+
+def merge_over_pipeline(per_layer: dict[str, Any], pp_group) -> dict[str, Any]:
+    """Union of every pipeline stage's per-layer records (each stage holds its own layers)."""
+    if pp_group is None or dist.get_world_size(pp_group) < 2:
+        return per_layer
+    gathered: list[Any] = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(gathered, per_layer, group=pp_group)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
 class ExpertLoadTracker:
     """Counts routed tokens per expert for every MoE layer through forward hooks on the routers.
 
@@ -86,11 +96,7 @@ class ExpertLoadTracker:
                     "max_over_mean": float(row.max()) / mean if mean > 0 else 0.0,
                 }
         self.counts.clear()
-        if pp_group is not None and dist.get_world_size(pp_group) > 1:
-            gathered: list[Any] = [None] * dist.get_world_size(pp_group)
-            dist.all_gather_object(gathered, stats, group=pp_group)
-            stats = {k: v for part in gathered for k, v in part.items()}
-        return stats
+        return merge_over_pipeline(stats, pp_group)
 
     def remove(self) -> None:
         """Detach the hooks."""
@@ -285,11 +291,7 @@ class ImbalanceTracker:
                 out[k] = rec
         self.fwd_s.clear()
         self._start.clear()
-        if pp_group is not None and dist.get_world_size(pp_group) > 1:
-            gathered: list[Any] = [None] * dist.get_world_size(pp_group)
-            dist.all_gather_object(gathered, out, group=pp_group)
-            out = {k: v for part in gathered for k, v in part.items()}
-        return out
+        return merge_over_pipeline(out, pp_group)
 
     def reset(self) -> None:
         """Drop what was measured (after evaluation)."""
