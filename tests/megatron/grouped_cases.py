@@ -99,6 +99,48 @@ def module_cases(pg, cases: list[dict]) -> dict[str, Any]:
     return out
 
 
+def layout_cases(pg, overrides: list[str]) -> dict[str, Any]:
+    """ExpertLayout.apply(expert_params(e)) vs the expert module on expert e's rows alone
+    (sequential and grouped layouts): outputs and the gradients of x, probs and weights."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_moe_ext.megatron import specs
+    from megatron_moe_ext.megatron.expert_layouts import expert_layout
+    from megatron_moe_ext.megatron.model import build_transformer_config
+
+    cfg = _cfg(overrides)
+    tconf = build_transformer_config(cfg, "cpu")
+    e_l = cfg.moe.num_experts // cfg.parallel.expert
+    seq_spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts).submodules.mlp
+    out = {}
+    for name, spec in (("sequential", seq_spec.submodules.experts),
+                       ("grouped", specs.grouped_experts_spec())):
+        mod = build_module(spec, e_l, tconf, pg_collection=pg)
+        layout = expert_layout(mod)
+        counts = [0] * e_l
+        e = e_l - 1
+        counts[e] = 7
+        gen = torch.Generator().manual_seed(11)
+        x = torch.randn(7, cfg.model.hidden_size, generator=gen)
+        p = torch.rand(7, generator=gen)
+        gy = torch.randn(x.shape, generator=gen)
+        xi, pi = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        y1, _ = mod(xi, torch.tensor(counts), pi)
+        g1 = torch.autograd.grad((y1 * gy).sum(), [xi, pi, *layout.expert_params(e)])
+        weights = [w.detach().clone().requires_grad_(True) for w in layout.expert_params(e)]
+        xj, pj = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        y2 = layout.apply(weights, xj, pj)
+        g2 = torch.autograd.grad((y2 * gy).sum(), [xj, pj, *weights])
+        out[name] = {
+            "kind": layout.kind, "names": list(layout.names),
+            "n_tensors": len(layout.expert_params(e)),
+            "out": _rel(y2, y1.detach()), "grads": max(_rel(a, b) for a, b in zip(g2, g1)),
+            "own_params_untouched": all(w.grad is None for w in layout.expert_params(e)),
+        }
+    return out
+
+
 # ------------------------------------------------------------------ layer equivalence
 
 
@@ -272,6 +314,8 @@ def worker(rank: int, world: int, ep: int, job: dict, out_dir: str) -> None:
     try:
         if "module" in job:
             results["module"] = module_cases(pg, job["module"])
+        if "layouts" in job:
+            results["layouts"] = layout_cases(pg, job["layouts"])
         if "layer" in job:
             results["layer"] = layer_equivalence(pg, rank, job["layer"])
         if "checkpoint" in job:

@@ -6,6 +6,8 @@ One 2-process job (EP=2) runs every part (grouped_cases.worker):
   counts (empty experts, empty input, one local expert, swiglu, bf16, probs on input):
   outputs and the gradients of input, probs and every weight (fp32 1e-6, bf16 1e-2, max
   |a - b| / max |ref|).
+* layouts: the shadow-expert adapters (megatron_moe_ext.megatron.expert_layouts) apply one
+  expert's weights like the module does.
 * layer: the stock MoELayer with sequential experts (reference) vs the stock and the FasterMoE
   layer with grouped experts (weights loaded by name from the reference), with and without
   shadow experts: outputs, input and parameter gradients within test_fastermoe_equivalence's
@@ -61,6 +63,7 @@ LAYER_CASES = [
 
 JOB = dict(
     module=MODULE_CASES,
+    layouts=BASE + E8 + SWIGLU,
     layer=LAYER_CASES,
     checkpoint=BASE + SWIGLU + TOP2,
     syncs=BASE + TOP2 + ["moe.fastermoe.shadow.policy=top_k"],
@@ -84,6 +87,19 @@ def test_module_matches_sequential(results):
             assert r["rows"] == sum(case["counts"])
             for key in ("out", "grad_input", "grad_probs", "grad_params"):
                 assert r[key] <= tol, f"{case['name']} rank {rank}: {key} {r[key]:.2e} > {tol}"
+
+
+@pytest.mark.timeout(400)
+def test_expert_layouts_apply_one_expert(results):
+    """The shadow-expert adapters: one expert's weights applied functionally equal that
+    expert inside its module (sequential and our grouped layout; TE's needs TE + CUDA)."""
+    for rank, res in results.items():
+        for name, r in res["layouts"].items():
+            assert r["kind"] == "sequential"
+            assert r["names"] == ["linear_fc1.weight", "linear_fc2.weight"]
+            assert r["n_tensors"] == 2
+            assert r["out"] <= MODULE_FP32_TOL and r["grads"] <= MODULE_FP32_TOL, (name, r)
+            assert r["own_params_untouched"], name
 
 
 @pytest.mark.timeout(400)
