@@ -12,8 +12,9 @@
   would pick the legacy GroupedMLP, which needs the ``grouped_gemm`` package and stores weights
   under other names). All three keep SequentialMLP's sharded checkpoint layout.
 * Fusions (:func:`fusion_settings`): on CPU all off (torch code paths only). On CUDA each is
-  on where its dependency exists: torch-jit fusions (bias-dropout, fused cross entropy,
-  weighted swiglu) always; the ones that need TE (RoPE fusion, permutation fusion, masked
+  on where its dependency exists: megatron-core's jit fusions (bias-dropout, fused cross
+  entropy, weighted swiglu; ``torch.compile``) when triton and a C compiler are there; the
+  ones that need TE (RoPE fusion, permutation fusion, masked
   softmax) with TE; persistent layer norm with apex. ``gradient_accumulation_fusion`` stays
   off: it writes into ``param.main_grad``, which only Megatron's DDP wrapper creates, and the
   bare layers of the equivalence tests and benchmarks have none.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import shutil
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -54,6 +56,14 @@ def _importable(module: str) -> bool:
     except Exception:  # noqa: BLE001 - any failure to import means "not there"
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def jit_fusion_available() -> bool:
+    """megatron-core's jit fusions (``megatron.core.jit.jit_fuser``: ``torch.compile`` on
+    torch >= 2.2) can compile for CUDA: triton imports and a C compiler is on PATH (triton
+    builds its launcher with one)."""
+    return _importable("triton") and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 
 def te_available() -> bool:
@@ -95,17 +105,18 @@ def fusion_settings(cfg: Config, device: str) -> dict[str, bool]:
     """The TransformerConfig fusion / grouped-GEMM fields for this config on ``device``."""
     te = resolve_transformer_impl(cfg, device) == "transformer_engine"
     cuda = device == "cuda"
+    jit = cuda and jit_fusion_available()
     return dict(
         moe_grouped_gemm=bool(cfg.moe.grouped_gemm and te),  # local: our module via the spec
         moe_permute_fusion=cuda and te,
         # the fused bias-activation kernels exist for (weighted) swiglu without linear biases
-        bias_activation_fusion=cuda and cfg.model.activation == "swiglu",
+        bias_activation_fusion=jit and cfg.model.activation == "swiglu",
         masked_softmax_fusion=cuda and (te or _importable("scaled_masked_softmax_cuda")),
-        bias_dropout_fusion=cuda,
+        bias_dropout_fusion=jit,
         apply_rope_fusion=cuda and te and cfg.model.position_embedding_type == "rope",
         gradient_accumulation_fusion=False,  # needs Megatron DDP's main_grad (module docstring)
         persist_layer_norm=cuda and not te and _importable("apex.contrib.layer_norm.layer_norm"),
-        cross_entropy_loss_fusion=cuda,
+        cross_entropy_loss_fusion=jit,
     )
 
 
