@@ -100,7 +100,8 @@ def train_runs(device: str, steps: int, out: Path, smoke: bool, precision: str,
     worst = None
     for name, r in runs.items():
         if ref and "losses" in r and len(r["losses"]) == len(ref):
-            r["max_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"], ref))
+            r["max_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12)
+                                    for a, b in zip(r["losses"], ref))
             worst = max(worst or 0.0, r["max_rel_diff"])
     ok = worst is not None and all("losses" in r and len(r["losses"]) == steps
                                    for r in runs.values())
@@ -201,8 +202,10 @@ def environment(device: str) -> dict[str, Any]:
         from importlib.metadata import version
 
         env["megatron_core"] = version("megatron-core")
-    except Exception:  # noqa: BLE001 - informative only
-        env["megatron_core"] = "?"
+    except Exception:  # noqa: BLE001 - informative only (no dist-info: the package's own)
+        from megatron.core import package_info
+
+        env["megatron_core"] = getattr(package_info, "__version__", "?")
     from megatron_moe_ext.megatron.specs import te_available
 
     env["transformer_engine"] = te_available()
@@ -269,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="[gpu_check] %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write("gpu_check: no CUDA device (use --device cpu --smoke to test the script)\n")
+        sys.stderr.write("gpu_check: no CUDA device "
+                         "(use --device cpu --smoke to test the script)\n")
         return 2
     parts = set(args.parts.split(","))
     if not parts <= {"train", "gemm", "layer"}:

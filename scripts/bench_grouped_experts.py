@@ -32,7 +32,8 @@ def main(argv=None) -> int:
                    help="layer implementation(s) (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="parameter / activation dtype (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed iterations (default: %(default)s)")
     p.add_argument("--iters", type=int, default=8, help="timed iterations (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: OMP_NUM_THREADS, else cores / ranks)")

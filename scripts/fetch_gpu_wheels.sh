@@ -9,8 +9,8 @@ DEST=${1:-.whl}
 PY=${PY:-python3}
 mkdir -p "$DEST"
 # the pins, said once in requirements-cpu.txt
-mapfile -t PINS < <(grep -E '^(megatron-core|numpy|packaging|PyYAML|omegaconf|tokenizers|psutil)==' \
-  requirements-cpu.txt)
+NAMES='megatron-core|numpy|packaging|PyYAML|omegaconf|tokenizers|psutil'
+mapfile -t PINS < <(grep -E "^($NAMES)==" requirements-cpu.txt)
 echo "[fetch_gpu_wheels] ${PINS[*]}"
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

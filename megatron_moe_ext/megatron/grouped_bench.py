@@ -31,7 +31,11 @@ def build_layer(overrides: Sequence[str], pg, impl: str, grouped: bool, device: 
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_moe_ext.megatron import specs
-    from megatron_moe_ext.megatron.model import _moe_layer_class, _swap_moe, build_transformer_config
+    from megatron_moe_ext.megatron.model import (
+        _moe_layer_class,
+        _swap_moe,
+        build_transformer_config,
+    )
 
     cfg = config_from_overrides([*overrides, f"moe.impl={impl}",
                                  f"moe.grouped_gemm={str(grouped).lower()}"])
@@ -44,8 +48,9 @@ def build_layer(overrides: Sequence[str], pg, impl: str, grouped: bool, device: 
 
 def time_layers(layers: dict[str, torch.nn.Module], x: torch.Tensor, gy: torch.Tensor,
                 warmup: int, iters: int, sync: bool) -> dict[str, dict[str, float]]:
-    """{name: {fwd_s, bwd_s, fwd_bwd_s}} medians over ``iters`` (after ``warmup``) of the
-    per-iteration max over ranks; the order of the layers rotates every iteration."""
+    """{name: {fwd_s, bwd_s, fwd_bwd_s, fwd_bwd_cpu_s}} medians over ``iters`` (after
+    ``warmup``) of the per-iteration max over ranks (wall time; cpu: process CPU time, less
+    sensitive to other jobs on shared cores); the order of the layers rotates every iteration."""
     names = list(layers)
     samples: dict[str, list[list[float]]] = {n: [] for n in names}
     for it in range(warmup + iters):
@@ -59,13 +64,14 @@ def time_layers(layers: dict[str, torch.nn.Module], x: torch.Tensor, gy: torch.T
             with Region(sync) as bwd:
                 out.backward(gy)
             if it >= warmup:
-                samples[n].append(max_over_ranks([fwd.wall, bwd.wall]))
+                samples[n].append(max_over_ranks([fwd.wall, bwd.wall, fwd.cpu + bwd.cpu]))
     res = {}
     for n, rows in samples.items():
         f = [r[0] for r in rows]
         b = [r[1] for r in rows]
         res[n] = {"fwd_s": statistics.median(f), "bwd_s": statistics.median(b),
-                  "fwd_bwd_s": statistics.median([a + c for a, c in zip(f, b)])}
+                  "fwd_bwd_s": statistics.median([a + c for a, c in zip(f, b)]),
+                  "fwd_bwd_cpu_s": statistics.median([r[2] for r in rows])}
     return res
 
 
@@ -89,7 +95,10 @@ def grouped_vs_sequential(pg, rank: int, overrides: Sequence[str], impls: Sequen
     times = time_layers(layers, x, gy, warmup, iters, sync=device == "cuda")
     ratios = {impl: times[f"{impl}/sequential"]["fwd_bwd_s"] / times[f"{impl}/grouped"]["fwd_bwd_s"]
               for impl in impls}
+    cpu_ratios = {impl: times[f"{impl}/sequential"]["fwd_bwd_cpu_s"]
+                  / times[f"{impl}/grouped"]["fwd_bwd_cpu_s"] for impl in impls}
     return {"times": times, "ratio_sequential_over_grouped": ratios,
+            "cpu_ratio_sequential_over_grouped": cpu_ratios,
             "local_experts": cfg.moe.num_experts // cfg.parallel.expert,
             "tokens_per_rank": seq * batch, "hidden": cfg.model.hidden_size,
             "ffn": cfg.moe.ffn_hidden_size or cfg.model.ffn_hidden_size,
@@ -203,12 +212,13 @@ def run_bench(local_experts: Sequence[int], hidden: int, ffn: int, tokens: int, 
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The rows of :func:`run_bench` as a markdown table (fwd + bwd ms, ratio)."""
-    lines = ["| E_l | T/rank | H | F | impl | sequential ms | grouped ms | seq / grouped |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| E_l | T/rank | H | F | impl | sequential ms | grouped ms | seq / grouped "
+             "(wall) | seq / grouped (CPU time) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         for impl, ratio in r["ratio_sequential_over_grouped"].items():
             s = r["times"][f"{impl}/sequential"]["fwd_bwd_s"] * 1e3
             g = r["times"][f"{impl}/grouped"]["fwd_bwd_s"] * 1e3
+            c = r["cpu_ratio_sequential_over_grouped"][impl]
             lines.append(f"| {r['local_experts']} | {r['tokens_per_rank']} | {r['hidden']} | "
-                         f"{r['ffn']} | {impl} | {s:.1f} | {g:.1f} | {ratio:.3f} |")
+                         f"{r['ffn']} | {impl} | {s:.1f} | {g:.1f} | {ratio:.3f} | {c:.3f} |")
     return "\n".join(lines)

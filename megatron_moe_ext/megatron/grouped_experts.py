@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-__all__ = ["GroupedGemmExperts", "grouped_mm", "expert_offsets", "check_alignment", "mlp_activation"]
+__all__ = ["GroupedGemmExperts", "grouped_mm", "expert_offsets", "check_alignment",
+           "mlp_activation"]
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 

@@ -96,7 +96,8 @@ def resolve_transformer_impl(cfg: Config, device: str) -> str:
     if (impl, device) not in _logged:
         _logged.add((impl, device))
         why = ("Transformer Engine imports and the device is CUDA" if impl != "local" else
-               "the device is not CUDA" if device != "cuda" else "Transformer Engine does not import")
+               "the device is not CUDA" if device != "cuda" else
+               "Transformer Engine does not import")
         logger.info("model.transformer_impl: auto -> %s (%s)", impl, why)
     return impl
 

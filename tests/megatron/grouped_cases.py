@@ -37,7 +37,11 @@ def build_layer(overrides: list[str], pg, impl: str, grouped: bool):
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_moe_ext.megatron import specs
-    from megatron_moe_ext.megatron.model import _moe_layer_class, _swap_moe, build_transformer_config
+    from megatron_moe_ext.megatron.model import (
+        _moe_layer_class,
+        _swap_moe,
+        build_transformer_config,
+    )
 
     cfg = _cfg([*overrides, f"moe.impl={impl}", f"moe.grouped_gemm={str(grouped).lower()}"])
     tconf = build_transformer_config(cfg, "cpu")
