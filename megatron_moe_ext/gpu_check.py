@@ -6,8 +6,9 @@ megatron-core from the wheels gpu_check.sh installs) it runs, in well under 8 mi
 (a) ``train``: a small GPT-MoE trained for ``--steps`` steps at EP=1 in bf16 with each
     ``moe.impl``, sequential and grouped experts (4 runs, each ``pretrain_gpt_moe`` under
     torchrun with one process); the losses must equal the stock sequential run's.
-(b) ``gemm``: our grouped expert GEMM (``F.grouped_mm``) at H=4096 against the measured bf16
-    matmul ceiling (one ``torch.matmul`` of the same FLOPs); target >= 70 %.
+(b) ``gemm``: our grouped GEMM forward + backward on uneven counts (empty groups, groups not
+    multiples of 8) against a per-expert loop; then its throughput at H=4096 against the
+    measured bf16 matmul ceiling (one ``torch.matmul`` of the same FLOPs); target >= 70 %.
 (c) ``layer``: the stock and the FasterMoE layer at EP=1, sequential and grouped experts, same
     weights: fwd + bwd medians; target FasterMoE overhead <= 3 %. Then one traced FasterMoE
     call (the Tracer's CUDA-synchronised path).
@@ -133,13 +134,20 @@ def _init_single_rank(device: str):
 
 def gemm_check(device: str, smoke: bool) -> dict[str, Any]:
     """(b) Grouped GEMM vs the matmul ceiling (bf16 on CUDA, fp32 on the CPU smoke run)."""
-    from megatron_moe_ext.megatron.grouped_bench import gemm_efficiency
+    from megatron_moe_ext.megatron.grouped_bench import gemm_efficiency, grouped_mm_check
 
+    dtype = torch.float32 if smoke else torch.bfloat16
+    correct = grouped_mm_check(device, dtype)
+    correct["passed"] = max(correct["out"], correct["grad_input"], correct["grad_weight"]) <= (
+        2e-2 if dtype == torch.bfloat16 else 1e-5)
+    logger.info("(b) grouped GEMM vs per-expert loop on uneven counts: %s", correct)
     if smoke:
         r = gemm_efficiency(256, 64, 128, 4, torch.float32, device, warmup=1, iters=2)
     else:
         r = gemm_efficiency(32768, 4096, 14336, 8, torch.bfloat16, device)
-    r["passed"] = r["fraction_of_ceiling"] >= TARGETS["gemm_fraction_of_ceiling"]
+    r["correctness"] = correct
+    r["passed"] = correct["passed"] and r["fraction_of_ceiling"] >= TARGETS[
+        "gemm_fraction_of_ceiling"]
     logger.info("(b) grouped GEMM: %.1f %% of the matmul ceiling (fc1 %.3g / %.3g TFLOP/s)",
                 100 * r["fraction_of_ceiling"], r["fc1_grouped_tflops"], r["fc1_matmul_tflops"])
     return r
@@ -233,12 +241,15 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{'PASS' if tr['passed'] else 'FAIL'}.", ""]
     g = result.get("gemm")
     if g:
+        c = g["correctness"]
         lines += [f"(b) grouped GEMM (T={g['tokens']}, H={g['hidden']}, F={g['ffn']}, "
                   f"E_l={g['local_experts']}): fc1 {g['fc1_grouped_tflops']:.3g} vs "
                   f"{g['fc1_matmul_tflops']:.3g} TFLOP/s, fc2 {g['fc2_grouped_tflops']:.3g} vs "
                   f"{g['fc2_matmul_tflops']:.3g} TFLOP/s: {100 * g['fraction_of_ceiling']:.0f} % "
                   f"of the matmul ceiling (target >= 70 %: {'PASS' if g['passed'] else 'FAIL'}).",
-                  ""]
+                  "", f"Grouped GEMM vs a per-expert loop on uneven counts {c['counts']} "
+                  f"({c['dtype']}): out {c['out']:.1e}, grad input {c['grad_input']:.1e}, grad "
+                  f"weight {c['grad_weight']:.1e} ({'PASS' if c['passed'] else 'FAIL'}).", ""]
     lay = result.get("layer")
     if lay:
         lines += [f"(c) one MoE layer, EP=1, T={lay['tokens']}, H={lay['hidden']}, "

@@ -222,3 +222,32 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(f"| {r['local_experts']} | {r['tokens_per_rank']} | {r['hidden']} | "
                          f"{r['ffn']} | {impl} | {s:.1f} | {g:.1f} | {ratio:.3f} | {c:.3f} |")
     return "\n".join(lines)
+
+
+def grouped_mm_check(device: str, dtype: torch.dtype, hidden: int = 256, ffn: int = 512,
+                     counts: Sequence[int] = (13, 0, 7, 250, 1, 0, 64, 33)) -> dict[str, Any]:
+    """Our grouped GEMM (forward, and backward to x and the weights) against a per-expert
+    ``F.linear`` loop in fp32, on uneven token counts (empty groups, groups not multiples of 8):
+    max |a - b| / max |ref| of y, dx and dW."""
+    import torch.nn.functional as F
+
+    from megatron_moe_ext.megatron.grouped_experts import expert_offsets, grouped_mm
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(sum(counts), hidden, generator=gen)
+    w = torch.randn(len(counts), ffn, hidden, generator=gen) / hidden ** 0.5
+    gy = torch.randn(sum(counts), ffn, generator=gen)
+    xd = x.to(device, dtype, copy=True).requires_grad_(True)
+    wd = w.to(device, dtype, copy=True).requires_grad_(True)
+    y = grouped_mm(xd, wd, expert_offsets(torch.tensor(counts), xd.device))
+    y.backward(gy.to(device, dtype))
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    yr = torch.cat([F.linear(xs, wr[e]) for e, xs in enumerate(torch.split(xr, list(counts)))])
+    yr.backward(gy)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    return {"counts": list(counts), "dtype": str(dtype).replace("torch.", ""),
+            "out": rel(y.detach(), yr.detach()), "grad_input": rel(xd.grad, xr.grad),
+            "grad_weight": rel(wd.grad, wr.grad)}
