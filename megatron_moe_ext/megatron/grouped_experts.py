@@ -66,16 +66,18 @@ def grouped_mm(x: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> to
     if _grouped_mm is None:
         raise RuntimeError(f"torch {torch.__version__} has no grouped_mm (moe.grouped_gemm needs "
                            "torch.nn.functional.grouped_mm or torch._grouped_mm)")
-    return _ContiguousGrad.apply(_grouped_mm(x, weights.transpose(1, 2), offs=offs))
+    return _ContiguousGrad.apply(_grouped_mm(x.contiguous(), weights.transpose(1, 2), offs=offs))
 
 
 def expert_offsets(tokens_per_expert: torch.Tensor, device: torch.device) -> torch.Tensor:
     """int32 end offsets [E_l] of each expert's rows, on ``device``.
 
     The cumulative sum is taken where the counts live: host counts (what the stock and the
-    FasterMoE layers pass today) cost no device sync but one small host-to-device copy, made
-    without blocking; device counts cost neither."""
+    FasterMoE layers pass today) cost no device sync but one small host-to-device copy from
+    pinned memory, made without blocking; device counts cost neither."""
     offs = torch.cumsum(tokens_per_expert.to(torch.int64), 0).to(torch.int32)
+    if device.type == "cuda" and offs.device.type == "cpu":
+        offs = offs.pin_memory()  # from the caching host allocator: a truly async copy
     return offs.to(device, non_blocking=True)  # a no-op when already there
 
 
