@@ -82,6 +82,12 @@ class ModelConfig:
     """Use a separate output projection instead of the input embedding."""
     bert_binary_head: bool = True
     """BERT only: train the sentence-order prediction head."""
+    transformer_impl: str = "auto"
+    """Layer implementation: `transformer_engine` (megatron-core's Transformer Engine specs:
+    TE linears, fused / flash attention, TE norms; needs TE and CUDA), `local` (megatron-core's
+    torch modules) or `auto` (TE when it imports and the device is CUDA, else local; one log
+    line says which). On CUDA Megatron's fusions are on where their dependencies exist, on the
+    CPU they are off (see megatron_moe_ext/megatron/specs.py)."""
 
 
 @dataclass
@@ -174,6 +180,11 @@ class MoEConfig:
     """Pad every expert's input to its capacity (needs capacity_factor)."""
     drop_policy: str = "probs"
     """Which tokens are dropped over capacity: `probs` (lowest probability) or `position`."""
+    grouped_gemm: bool = False
+    """Run the local experts as grouped GEMMs instead of one GEMM pair per expert: TE's
+    TEGroupedMLP with model.transformer_impl transformer_engine, else our grouped experts on
+    torch.nn.functional.grouped_mm (CPU and GPU; hidden and expert FFN sizes must be multiples
+    of 8). Same parameters and checkpoint layout as the sequential experts, both moe.impl."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Router settings."""
     fastermoe: FasterMoEConfig = field(default_factory=FasterMoEConfig)
@@ -487,7 +498,17 @@ def validate(cfg: Config) -> None:
             f"model.num_attention_heads={m.num_attention_heads} must divide "
             f"model.hidden_size={m.hidden_size}"
         )
+    _choice("model.transformer_impl", m.transformer_impl, ["auto", "transformer_engine", "local"])
     _choice("moe.impl", moe.impl, ["megatron", "fastermoe"])
+    if not isinstance(moe.grouped_gemm, bool):
+        raise ConfigError(f"config key 'moe.grouped_gemm': {moe.grouped_gemm!r} must be true or false")
+    if moe.grouped_gemm:
+        ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+        if m.hidden_size % 8 or ffn % 8:
+            raise ConfigError(
+                f"moe.grouped_gemm: true needs model.hidden_size ({m.hidden_size}) and the expert "
+                f"FFN size (moe.ffn_hidden_size or model.ffn_hidden_size: {ffn}) to be multiples "
+                "of 8 (grouped_mm's 16-byte row alignment in bf16)")
     _choice("moe.token_dispatcher", moe.token_dispatcher, ["alltoall", "allgather"])
     _choice("moe.drop_policy", moe.drop_policy, ["probs", "position"])
     _choice("moe.router.type", moe.router.type, ["topk", "topology_aware"])
