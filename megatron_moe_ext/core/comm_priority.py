@@ -265,7 +265,8 @@ class _Lane:
                     s._wait(work, done)
                     with self.cond:
                         self.inflight.popleft()
-                        self.cond.notify_all()
+                        if self.idle():
+                            self.cond.notify_all()  # wakes a flush waiting for this lane
         except BaseException as exc:  # surfaced by flush(); never silent
             with self.cond:
                 self.error = exc
