@@ -202,12 +202,30 @@ def _instrument_dispatchers(model_chunks: list) -> int:
 # --------------------------------------------------------------------------- install
 
 
+SUPPORTED_MEGATRON = ("0.16.",)
+"""megatron-core versions whose ``_ParamAndGradBucketGroup.start_grad_sync`` this module
+replicates (later versions add steps to it, e.g. resharding before the sync)."""
+
+
+def _check_megatron_version() -> None:
+    from megatron.core import package_info
+
+    version = getattr(package_info, "__version__", "?")
+    if not version.startswith(SUPPORTED_MEGATRON):
+        raise RuntimeError(
+            f"train.comm_priority: moe_first replicates megatron-core {SUPPORTED_MEGATRON[0]}x's "
+            f"bucket-group grad sync; megatron-core {version} is not verified: use "
+            "train.comm_priority: none, or check megatron_moe_ext/megatron/comm_priority.py "
+            "against distributed/param_and_grad_buffer.py of that version")
+
+
 def install_comm_priority(model_chunks: list, cfg: Config,
                           device: torch.device) -> Optional[CommPriorityScheduler]:
     """Install train.comm_priority on the DDP-wrapped ``model_chunks``; None when `none`."""
     tr = cfg.train
     if tr.comm_priority == "none":
         return None
+    _check_megatron_version()
     groups = bucket_groups(model_chunks)
     for bg in groups:
         ddp = bg.ddp_config
