@@ -26,7 +26,6 @@ S shadowed expert ids.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections import OrderedDict
@@ -52,14 +51,7 @@ from megatron_moe_ext.core.shadow_policy import (
 )
 from megatron_moe_ext.core.trace import Tracer
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
-from megatron_moe_ext.perf.topology import (
-    GBIT,
-    ClusterSpec,
-    ClusterSpecError,
-    LinkSpec,
-    Topology,
-    load_cluster,
-)
+from megatron_moe_ext.perf.topology import ClusterSpecError, Topology, ep_topology
 
 logger = logging.getLogger(__name__)
 
@@ -130,33 +122,6 @@ class CountsDispatcher(MoEAlltoAllTokenDispatcher):
         # Kept for the stock bookkeeping that dispatch_preprocess still touches.
         self.num_global_tokens_per_local_expert = local_cols
         return local_cols.sum(dim=0)
-
-
-@functools.lru_cache(maxsize=None)
-def ep_topology(cluster: str, num_workers: int) -> Topology:
-    """The topology the performance model uses for an expert-parallel group of W workers.
-
-    The cluster file's own topology when it has exactly W workers (EP rank w = worker w).
-    Otherwise a stand-in: one switch ``sw`` with W workers attached by links of the cluster's
-    W_net, and the cluster's GEMM throughput (a warning says so).
-    """
-    spec = load_cluster(cluster)
-    if spec.num_workers == num_workers:
-        return Topology(spec)
-    w_net = Topology(spec).net_bandwidth()
-    logger.warning(
-        "cluster %s has %d workers but the expert-parallel group has %d: the performance model "
-        "uses %d workers on one switch with the cluster's W_net (%.3g Gbit/s) and GEMM rates",
-        spec.name, spec.num_workers, num_workers, num_workers, w_net / GBIT,
-    )
-    star = ClusterSpec(
-        name=f"{spec.name}-star{num_workers}", nodes=1, workers_per_node=num_workers,
-        gemm_tflops=dict(spec.gemm_tflops), gemm_curve=dict(spec.gemm_curve),
-        links=tuple(LinkSpec(a=f"w{i}", b="sw", gbps=w_net / GBIT, kind="stand-in")
-                    for i in range(num_workers)) if num_workers > 1 else (),
-        description=f"stand-in for {spec.name} with {num_workers} workers",
-    )
-    return Topology(star)
 
 
 class FasterMoELayer(MoELayer):
