@@ -175,13 +175,15 @@ class ExchangePlan:
 
 
 def validate_group_size(world_size: int, group_size: int) -> int:
-    """Check that ``group_size`` divides ``world_size``; return the number of groups n."""
+    """Check that ``group_size`` divides ``world_size``; return the number of groups n.
+
+    The one wording of this error, for the config's world check and for the layer."""
     if world_size < 1:
         raise ValueError(f"expert-parallel world size must be >= 1, got {world_size}")
     if not isinstance(group_size, int) or group_size < 1 or world_size % group_size != 0:
         raise ValueError(
-            f"{GROUP_SIZE_KEY}={group_size!r} must be a positive integer dividing the "
-            f"expert-parallel world size {world_size}"
+            f"{GROUP_SIZE_KEY}={group_size!r} must divide parallel.expert={world_size} "
+            "(the expert-parallel size; a positive integer)"
         )
     return world_size // group_size
 
