@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
 """Accepted values of ``moe.fastermoe.shadow.policy``."""
 
-__all__ = ["SHADOW_POLICIES", "as_counts", "expert_loads", "lat_imbl", "lat_with_shadows", "choose_shadows",
+__all__ = ["SHADOW_POLICIES", "as_counts", "expert_loads", "lat_imbl", "lat_with_shadows",
+           "choose_shadows",
            "choose_shadows_by_cost", "top_k_shadows", "shadow_mask"]
 
 

@@ -30,7 +30,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -285,10 +285,18 @@ class FasterMoELayer(MoELayer):
         """Predicted fwd + bwd time (s) of the latest forward's layer call with its shadows and
         the smart schedule (perf.model.predict_layer); None before the first forward or
         without a cluster model. Computed when read (memoized), never on the hot path."""
-        if self._last is None:
-            return None
-        pred = self.predict(*self._last)
-        return None if pred is None else float(pred.total_s)
+        return self.deferred_predicted_s()()
+
+    def deferred_predicted_s(self) -> Callable[[], Optional[float]]:
+        """:attr:`last_predicted_s` of the latest forward as a function, to evaluate later
+        (e.g. by the metrics at a logging step): no model work until it is called."""
+        last = self._last
+
+        def predicted_s() -> Optional[float]:
+            pred = None if last is None else self.predict(*last)
+            return None if pred is None else float(pred.total_s)
+
+        return predicted_s
 
     # ------------------------------------------------------------------ forward pieces
     # The stock forward calls dispatch -> routed_experts_compute -> combine; the whole exchange
