@@ -117,7 +117,8 @@ def test_no_model_work_per_call_and_one_prediction_on_read(results, policy):
         assert r["calls_in_forward"] == r["calls_after_defer"] == 0, (rank, r)
         # evaluated later, read twice, predicted directly: memoized, one predict_layer call
         assert r["calls_after_read"] == 1, (rank, r)
-        assert r["later"] == r["first"] == r["second"] == pytest.approx(r["direct"]) > 0
+        assert r["later"] == r["first"] == r["second"] == pytest.approx(r["direct"])
+        assert r["first"] > 0
     if policy == "top_k":
         assert results[0][policy]["shadows"] == results[1][policy]["shadows"] != []
 
