@@ -24,6 +24,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megatron_moe_ext.core.plan import validate_group_size
+from megatron_moe_ext.core.shadow_policy import SHADOW_POLICIES
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user: names the key and the accepted values."""
@@ -122,8 +125,6 @@ class RouterConfig:
     """Router logits dtype: `fp32`, `fp64` or None (model dtype)."""
 
 
-SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
-"""Accepted values of moe.fastermoe.shadow.policy."""
 
 
 @dataclass
@@ -659,11 +660,11 @@ def validate_world(cfg: Config, world_size: int, device: str) -> int:
             f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
             f"train.micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp}"
         )
-    if cfg.moe.impl == "fastermoe" and par.expert % cfg.moe.fastermoe.group_size:
-        raise ConfigError(
-            f"moe.fastermoe.group_size={cfg.moe.fastermoe.group_size} must divide "
-            f"parallel.expert={par.expert}"
-        )
+    if cfg.moe.impl == "fastermoe":
+        try:
+            validate_group_size(par.expert, cfg.moe.fastermoe.group_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if device == "cpu":
         if par.tensor > 1:
             raise ConfigError("parallel.tensor > 1 with MoE is not supported on CPU "

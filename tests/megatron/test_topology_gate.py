@@ -345,7 +345,7 @@ def test_config_validation():
         (["moe.router.offnode_fraction=0"], "must be in (0, 1]"),
         (["moe.router.offnode_fraction=1.5"], "must be in (0, 1]"),
         (["moe.router.offnode_fraction=0.5", "moe.router.workers_per_node=0"], "must be >= 1"),
-        (["moe.router.cluster=no-such-cluster"], "cluster file not found"),
+        (["moe.router.cluster=no-such-cluster"], "cluster 'no-such-cluster' not found"),
         (["moe.router.cluster=johnny", "moe.router.load_balancing_type=sinkhorn"], "sinkhorn"),
     ]:
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
