@@ -87,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json or args.cluster or args.world_size:
         sys.stderr.write("--json, --cluster and --world-size only apply with --describe\n")
         return 2
+    from megatron_moe_ext.megatron.versions import UnsupportedMegatronCore
     from megatron_moe_ext.training.loop import run
 
     try:
         state = run(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")
+        return 2
+    except UnsupportedMegatronCore as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     if state.losses:
         import logging

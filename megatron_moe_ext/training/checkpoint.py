@@ -73,9 +73,13 @@ def find_resume_point(cfg: Config) -> Optional[ResumePoint]:
     if not load:
         return None
     root = Path(load)
-    if ck.load and not root.is_dir():
-        raise ConfigError(f"checkpoint.load: folder not found: {root}")
     if not root.is_dir():
+        same_as_save = ck.save is not None and Path(ck.save).resolve() == root.resolve()
+        if ck.load and not same_as_save:
+            raise ConfigError(f"checkpoint.load: folder not found: {root}")
+        if ck.load:  # Megatron-LM habit: --save X --load X on the first run of a job
+            logger.info("checkpoint.load=%s equals checkpoint.save and does not exist yet: "
+                        "starting from scratch", root)
         return None
     its = complete_iterations(root)
     if not ck.resume:
