@@ -271,3 +271,12 @@ def _dotted(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def markdown_table() -> str:
+    """The change table of docs/megatron_lm.md (a test keeps the two equal)."""
+    lines = ["| since | what changed in megatron-core | how the plugin handles it |",
+             "|---|---|---|"]
+    for c in CHANGES:
+        lines.append(f"| {c.since} | {c.what} | {c.handled} |")
+    return "\n".join(lines) + "\n"
