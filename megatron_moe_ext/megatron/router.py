@@ -40,7 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import RouterConfig
 from megatron_moe_ext.core.gate import cap_offnode, offnode_fraction, offnode_limit
-from megatron_moe_ext.megatron.versions import record_moe_metric
+from megatron_moe_ext.megatron.versions import applies, record_moe_metric, version_string
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,13 @@ class TopologyAwareRouter(TopKRouter):
         self.local_node = ep_rank // m
         local_experts = int((self.expert_node == self.local_node).sum())
         self._may_drop = local_experts < self.topk
+        if (self._may_drop and config.moe_expert_capacity_factor is None
+                and applies("permute_exact_copies")):
+            raise ValueError(
+                f"topology_aware router: node {self.local_node} hosts {local_experts} experts < "
+                f"top-k {self.topk}, so the gate may drop copies; megatron-core "
+                f"{version_string()} (>= 0.17) then needs moe.capacity_factor (e.g. "
+                f"moe.num_experts / moe.topk, which never drops for capacity)")
         if self._may_drop:
             logger.warning(
                 "topology_aware router: node %d hosts %d experts < top-k %d; re-routed copies "

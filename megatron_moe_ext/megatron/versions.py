@@ -50,6 +50,12 @@ CHANGES: tuple[Change, ...] = (
     Change("router_is_mtp_layer", "0.17.0",
            "MoELayer builds its router as router(config=, pg_collection=, is_mtp_layer=)",
            "router.TopologyAwareRouter accepts and passes on extra keyword arguments"),
+    Change("permute_exact_copies", "0.17.0",
+           "drop-free moe_utils.permute takes exactly T * k routed copies (argsort) instead of "
+           "every routed copy (masked_select), so a token routed to fewer than top-k experts "
+           "without a capacity factor breaks the all-to-all split sizes",
+           "router.TopologyAwareRouter: the gate's dropped copies (a node hosting fewer than "
+           "top-k experts) need moe.capacity_factor from 0.17 (a clear error otherwise)"),
     Change("moe_spec_partial", "0.18.0",
            "the MoE submodule of layer specs is functools.partial(MoELayer, "
            "submodules=MoESubmodules(...)) instead of ModuleSpec(module=MoELayer, ...)",
@@ -73,6 +79,11 @@ CHANGES: tuple[Change, ...] = (
            "get_moe_layer_wise_logging_tracker are deprecated aliases of "
            "get_moe_metrics_tracker() (still present in 0.19.2)",
            "versions.record_moe_metric uses the tracker object where it exists"),
+    Change("dist_ckpt_common_state", "0.19.0",
+           "dist_checkpointing (torch_dist) stores the common state inside the torch_dist "
+           "files (.metadata) instead of common.pt; older checkpoints with common.pt still load",
+           "training/checkpoint.py: checkpoint_files_missing (a 0.19 checkpoint on an older "
+           "version: a clear error)"),
     Change("aux_loss_tp_scaling", "0.19.0",
            "the router's aux-loss / z-loss gradient scale includes the TP x CP size and seq "
            "aux loss counts micro-batch tokens",
@@ -213,6 +224,30 @@ def build_moe(mlp: Any, config: Any, pg_collection: Any):
     if isinstance(mlp, ModuleSpec):
         return build_module(mlp, config=config, pg_collection=pg_collection)
     return mlp(config=config, pg_collection=pg_collection)
+
+
+# --------------------------------------------------------------------------------------
+# dist_ckpt_common_state
+# --------------------------------------------------------------------------------------
+
+
+def checkpoint_files_missing(path: Any) -> Optional[str]:
+    """None if the dist_checkpointing folder `path` holds the files the installed version needs
+    to load it; else what is missing, phrased for the user."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not (p / "metadata.json").is_file():
+        return "metadata.json is missing"
+    if (p / "common.pt").is_file():
+        return None  # every version loads the common.pt layout
+    if not (p / ".metadata").is_file():
+        return "common.pt and the torch_dist .metadata are missing"
+    if not applies("dist_ckpt_common_state"):
+        return (f"it stores its common state in the torch_dist files (written by megatron-core "
+                f">= 0.19) and megatron-core {version_string()} needs common.pt; load it with "
+                f"megatron-core >= 0.19")
+    return None
 
 
 # --------------------------------------------------------------------------------------

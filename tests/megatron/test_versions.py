@@ -81,7 +81,6 @@ def built(tmp_path_factory) -> dict:
     return json.loads((out / "rank0.json").read_text())
 
 
-@pytest.mark.megatron_facing
 @pytest.mark.timeout(300)
 def test_fastermoe_model_has_only_fastermoe_layers(built):
     """The test that would have caught the 0.18 silent fallback to stock MoELayer."""
@@ -96,7 +95,6 @@ def test_fastermoe_model_has_only_fastermoe_layers(built):
     assert built["gpt_megatron_shared"]["shared"] == ["SharedExpertMLP"] * 2
 
 
-@pytest.mark.megatron_facing
 @pytest.mark.timeout(300)
 def test_check_refuses_a_stock_layer_for_fastermoe(built):
     msg = built["refused"]
@@ -156,3 +154,37 @@ def test_swap_handles_both_spec_forms(form):
     assert versions.moe_module_class(same) is MoELayer
     assert versions.swap_moe_module("not an moe entry", FasterMoELayer, {}, router) == \
         "not an moe entry"
+
+
+def test_option_this_version_cannot_do_is_a_config_error():
+    """An install whose TransformerConfig lacks a field an option needs: a ConfigError naming
+    the key, the field and the version (checked before any process group)."""
+    import dataclasses
+
+    from megatron_moe_ext.config import ConfigError, load_config
+
+    @dataclasses.dataclass
+    class OldTransformerConfig:
+        num_moe_experts: int = 0
+
+    cfg = load_config(None, ["data.mock=true", "moe.router.num_groups=2",
+                             "moe.router.group_topk=1"])
+    with pytest.raises(ConfigError, match=r"'moe.router.num_groups'.*moe_router_num_groups"):
+        versions.validate_config(cfg, OldTransformerConfig)
+    versions.validate_config(load_config(None, ["data.mock=true"]), OldTransformerConfig)
+    versions.validate_config(cfg)  # the installed version has it
+
+
+def test_checkpoint_layout_by_version(tmp_path):
+    """0.19 keeps the common state in the torch_dist files; older versions need common.pt."""
+    (tmp_path / "metadata.json").write_text("{}")
+    (tmp_path / ".metadata").write_bytes(b"")
+    missing = versions.checkpoint_files_missing(tmp_path)
+    if versions.applies("dist_ckpt_common_state"):
+        assert missing is None
+    else:
+        assert "megatron-core >= 0.19" in missing
+    (tmp_path / "common.pt").write_bytes(b"")
+    assert versions.checkpoint_files_missing(tmp_path) is None
+    (tmp_path / "metadata.json").unlink()
+    assert "metadata.json" in versions.checkpoint_files_missing(tmp_path)
