@@ -198,7 +198,10 @@ def check_moe_layers(module: torch.nn.Module, cfg: Config) -> list[dict]:
         if not isinstance(layer, TransformerLayer):
             continue
         key = f"{name}.mlp"
-        moe_expected = cfg.model.type == "bert" or (layer.layer_number - 1) % cfg.moe.layer_freq == 0
+        # megatron's int moe_layer_freq: layer i (0-based) is MoE iff i % freq == 0; BERT's one
+        # layer spec makes every layer MoE
+        moe_expected = (cfg.model.type == "bert"
+                        or (layer.layer_number - 1) % cfg.moe.layer_freq == 0)
         row = rows.get(key)
         if row is None:
             if moe_expected:
