@@ -54,11 +54,11 @@ def test_both_implementations_same_loss(tmp_path, option):
 
 @pytest.mark.timeout(300)
 def test_shared_experts_stock_layer_trains(tmp_path):
-    losses = _train(tmp_path, "moe.shared_expert_ffn_hidden_size=64", "train.iters=6")
+    losses = _train(tmp_path, "moe.shared_expert_ffn_hidden_size=64")
     assert losses[ITERS] < losses[1]
     proc = torchrun(run_args(tmp_path / "f", *BASE, "moe.shared_expert_ffn_hidden_size=64",
                              "moe.impl=fastermoe"), nproc=2, check=False, timeout=120)
-    assert proc.returncode == 2 and "moe.impl: megatron only" in proc.stderr
+    assert proc.returncode != 0 and "moe.impl: megatron only" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [
