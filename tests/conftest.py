@@ -1,6 +1,7 @@
 """The Megatron-facing subset: tests that CI also runs on the second megatron-core version
-(scripts/test.sh: `pytest -m megatron_facing` in .venv-mcore019). One list, here; it is sized to
-take ~5 minutes on 2 cores (measured in docs/megatron_lm.md)."""
+(scripts/test.sh: `pytest -m megatron_facing` in .venv-mcore019). One list, here; 6 min of CPU
+time, about 4-6 minutes on 2 quiet cores (docs/megatron_lm.md, "CI on two megatron-core
+versions")."""
 
 from __future__ import annotations
 
