@@ -1,10 +1,10 @@
 """The megatron-core versions this plugin supports, and every difference between them that the
 plugin meets, each handled here (one named place) with the versions it applies to.
 
-Supported: megatron-core >= 0.16.1, < 0.20 (tested in CI: 0.16.1 and 0.19.2; read and checked
-against 0.17.0 and 0.18.2). :func:`check_supported` runs at import of
-``megatron_moe_ext.megatron`` users (model.py) and at the start of a run, and raises one
-:class:`UnsupportedMegatronCore` naming the range.
+Supported: megatron-core >= 0.16.1, < 0.20 (tested in CI: 0.16.1 and 0.19.2; the sources of
+0.17.0 and 0.18.2 were read for the version each change starts in). :func:`check_supported`
+runs first thing in ``training.loop.Trainer`` (before any process group) and raises one
+:class:`UnsupportedMegatronCore` naming the range; the entry point prints it and exits 2.
 
 The table :data:`CHANGES` lists what changed and where the plugin answers it; ``docs/
 megatron_lm.md`` ("megatron-core versions") repeats it for users.
