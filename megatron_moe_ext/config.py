@@ -144,7 +144,6 @@ LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn
 """Accepted values of moe.router.load_balancing_type."""
 
 
-
 @dataclass
 class ShadowConfig:
     """FasterMoE dynamic shadow experts (replicate popular experts for one iteration)."""
