@@ -202,19 +202,19 @@ def _instrument_dispatchers(model_chunks: list) -> int:
 # --------------------------------------------------------------------------- install
 
 
-SUPPORTED_MEGATRON = ("0.16.",)
-"""megatron-core versions whose ``_ParamAndGradBucketGroup.start_grad_sync`` this module
+REPLICATED_MEGATRON = ("0.16",)
+"""megatron-core minor versions whose ``_ParamAndGradBucketGroup.start_grad_sync`` this module
 replicates (later versions add steps to it, e.g. resharding before the sync)."""
 
 
 def _check_megatron_version() -> None:
-    from megatron.core import package_info
+    from megatron_moe_ext.megatron.versions import installed_version
 
-    version = getattr(package_info, "__version__", "?")
-    if not version.startswith(SUPPORTED_MEGATRON):
+    v = installed_version()
+    if f"{v.major}.{v.minor}" not in REPLICATED_MEGATRON:
         raise RuntimeError(
-            f"train.comm_priority: moe_first replicates megatron-core {SUPPORTED_MEGATRON[0]}x's "
-            f"bucket-group grad sync; megatron-core {version} is not verified: use "
+            f"train.comm_priority: moe_first replicates the bucket-group grad sync of "
+            f"megatron-core {', '.join(REPLICATED_MEGATRON)}; {v} is not verified: use "
             "train.comm_priority: none, or check megatron_moe_ext/megatron/comm_priority.py "
             "against distributed/param_and_grad_buffer.py of that version")
 

@@ -69,24 +69,24 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
 
     Both come from the same local (non-TE) GPT layer spec: the same TopKRouter and
     SequentialMLP submodules, so parameter names and layout match; the FasterMoE one is the
-    same spec with the module class swapped and ``moe_options=cfg.moe``. The stock layer uses
+    same spec with the module class swapped and ``options`` built from ``cfg.moe``. The stock layer uses
     ``cfg.moe.token_dispatcher`` (default alltoall). Weights are copied with
     ``load_state_dict`` from the stock layer into the FasterMoE layer.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.spec_utils import build_module
 
     from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
     from megatron_moe_ext.megatron.model import _swap_moe, build_transformer_config
+    from megatron_moe_ext.megatron.versions import build_moe
 
     tconf = build_transformer_config(cfg, device)
     layer_spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts)
     # the same spec swap the training models use: the router follows moe.router.type
     spec = _swap_moe(layer_spec, MoELayer, cfg).submodules.mlp
     fspec = _swap_moe(layer_spec, FasterMoELayer, cfg).submodules.mlp
-    stock = build_module(spec, config=tconf, pg_collection=pg_collection)
-    faster = build_module(fspec, config=tconf, pg_collection=pg_collection)
+    stock = build_moe(spec, tconf, pg_collection)  # ModuleSpec or (0.18+) partial
+    faster = build_moe(fspec, tconf, pg_collection)
     faster.load_state_dict(stock.state_dict())
     for layer in (stock, faster):
         layer.set_layer_number(layer_number)
@@ -178,10 +178,9 @@ def apply_routing(layers: dict[str, torch.nn.Module], bias: torch.Tensor,
 
 def gather_counts(routing_map: torch.Tensor, group) -> list[list[int]]:
     """The [W, E] routed-token counts of the expert-parallel group (all-gathered rows)."""
-    local = routing_map.sum(dim=0).long()
-    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(gathered, local, group=group)
-    return torch.stack(gathered).tolist()
+    from megatron_moe_ext.core.comm import gather_counts as gather
+
+    return gather(routing_map.sum(dim=0), group).tolist()
 
 
 def describe_counts(counts: Any, num_workers: int) -> dict:
