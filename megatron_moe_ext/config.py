@@ -140,16 +140,11 @@ class RouterConfig:
     """Group-limited routing: groups each token may use (<= num_groups, <= moe.topk)."""
 
 
-<<<<<<< HEAD
-COMM_PRIORITIES = ("none", "moe_first")
-"""Accepted values of train.comm_priority."""
-
-SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
-"""Accepted values of moe.fastermoe.shadow.policy."""
-=======
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 """Accepted values of moe.router.load_balancing_type."""
->>>>>>> main
+
+COMM_PRIORITIES = ("none", "moe_first")
+"""Accepted values of train.comm_priority."""
 
 
 @dataclass
