@@ -1,0 +1,498 @@
+"""The layer benchmark of the scale lab: synchronous EP vs the product's FasterMoE path, with
+emulated accelerators (no megatron-core import, so 64 workers fit on one machine).
+
+Notation
+--------
+T      tokens per worker entering the layer (before top-k); k top-k; T k routed copies
+E      experts; E_l = E / W per worker; H hidden; F ffn hidden size
+W      workers = expert-parallel size; g smart-schedule group size
+D      time dilation (lab seconds per cluster second)
+
+What is real: processes, gloo, every message at its real size, the product's plan and executor
+(:func:`core.exchange.smart_exchange`), shadow broadcast / reduce (:mod:`core.shadow`), the
+shadow policies, and, under the emulator, the network stack with rate-limited links. What is
+emulated: the accelerator (:class:`.accelerator.EmulatedAccelerator` sleeps the cluster's GEMM
+time x D). The synchronous baseline is :func:`.baseline.sync_exchange` (Megatron's alltoall
+dispatcher: all-to-all, compute, all-to-all). The router and the local permutation around the
+exchange are not run (both implementations share them in the product); the small all-gather
+of the routing counts is, in both.
+
+``compute="real"`` swaps the emulated accelerator for a small real expert (a linear two-layer
+MLP with the expert's parameter count), the time source being the CPU; used by the tests to
+show that only the time source differs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.exchange import smart_exchange
+from ..core.plan import build_plan
+from ..core.shadow import ShadowSplit, broadcast_from_owners, routed_counts
+from .accelerator import EmulatedAccelerator, SleepStats
+from .baseline import sync_exchange
+from .setup import lab_counts, lab_topology, predict, resolve_dilation, select_shadows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabConfig", "RealExperts", "lab_worker", "run_lab"]
+
+IMPLS = ("megatron", "fastermoe")
+"""megatron: synchronous EP (sync_exchange); fastermoe: smart_exchange + shadows."""
+COMPUTE_MODES = ("emulated", "real")
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LabConfig:
+    """One lab benchmark run (the options of scripts/bench_moe_layer.py that apply)."""
+
+    cluster: str
+    """Cluster YAML path or name; its layout is kept with as many nodes as W fills."""
+    world_size: int = 4
+    """W processes to spawn (ignored under torchrun, where WORLD_SIZE wins)."""
+    impl: str = "both"
+    """megatron, fastermoe or both."""
+    tokens: int = 4096
+    """T: tokens per worker entering the layer, before top-k."""
+    hidden: int = 512
+    """H."""
+    ffn: int = 1024
+    """F: expert inner size."""
+    experts: int = 4
+    """E in total, a multiple of W."""
+    topk: int = 2
+    """k."""
+    skew: float = 0.0
+    """Zipf exponent over experts (0: exactly balanced)."""
+    vary_routing: bool = False
+    """With skew > 0: the hot experts change from iteration to iteration."""
+    shadow: str = "never"
+    """Shadow policy: never, predictor, model, top_k."""
+    shadow_max_experts: int = 1
+    """With top_k: experts shadowed every call."""
+    group_size: int = 1
+    """g of the smart schedule (groups follow the topology's group_order(g))."""
+    dtype: str = "fp32"
+    """fp32 or bf16: activations, messages and the cluster's GEMM rate."""
+    iters: int = 10
+    """Timed iterations."""
+    warmup: int = 2
+    """Untimed iterations first."""
+    compute: str = "emulated"
+    """emulated (sleeping accelerator) or real (small real expert, CPU time; tests)."""
+    dilation: str = "auto"
+    """'auto' (1 / emulator link scale under the emulator, else 1) or a factor D."""
+    floor: bool = False
+    """Compute zero (D = 0): with unlimited links this measures the box's own cost."""
+    seed: int = 1234
+    """Seed of the routing (and of the real expert's weights)."""
+    json: Optional[str] = None
+    """Write the results (rank 0) to this JSON file."""
+    record: bool = False
+    """Record plan, expert chunks and shadow sets per iteration (tests compare them)."""
+    log_level: str = "INFO"
+    """Rank-0 log level."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad option."""
+        if self.impl not in (*IMPLS, "both"):
+            raise ValueError(f"--impl {self.impl!r}: expected megatron, fastermoe or both")
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"--compute {self.compute!r}: expected one of {COMPUTE_MODES}")
+        if self.dtype not in _TORCH_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(_TORCH_DTYPES)}")
+        if min(self.tokens, self.hidden, self.ffn, self.experts, self.iters, self.world_size,
+               self.group_size, self.topk) < 1 or self.warmup < 0:
+            raise ValueError("--tokens, --hidden, --ffn, --experts, --iters, --world-size, "
+                             "--group-size, --topk must be >= 1 and --warmup >= 0")
+        if self.skew < 0:
+            raise ValueError(f"--skew must be >= 0, got {self.skew}")
+        if self.floor and self.compute != "emulated":
+            raise ValueError("--floor needs --compute emulated")
+        resolve_dilation(self.dilation)
+
+
+class RealExperts:
+    """A small real expert per local expert: y = p * ((x W1^T) W2), W1 [F, H], W2 [F, H]
+    (no activation; 2 F H parameters per expert like an MLP expert), deterministic weights."""
+
+    def __init__(self, num_local: int, hidden: int, ffn: int, dtype: torch.dtype, seed: int,
+                 first_expert: int) -> None:
+        self.params = []
+        for e in range(num_local):
+            gen = torch.Generator().manual_seed(seed * 7919 + first_expert + e)
+            w = (torch.randn(2 * ffn, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+            self.params.append(w.requires_grad_(True))
+        self.ffn = ffn
+        self.stats = SleepStats(record=True)
+
+    def mlp(self, w: torch.Tensor, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens."""
+        h = x @ w[: self.ffn].t()
+        return (h @ w[self.ffn:]) * p.unsqueeze(-1).to(x.dtype)
+
+    def expert_fn(self, x: torch.Tensor, p: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        """``expert_fn`` of the exchange: local experts in order on their slices of x."""
+        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
+        outs, off = [], 0
+        for w, n in zip(self.params, tokens_per_expert):
+            outs.append(self.mlp(w, x[off:off + n], p[off:off + n]))
+            off += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def shadow_fn(self, weights, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """A shadowed expert with its broadcast weights."""
+        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
+        return self.mlp(weights[0], x, p)
+
+
+def _median(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+def _init_process_group() -> tuple[int, int]:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _Layer:
+    """The two implementations of one MoE layer's expert part on this rank."""
+
+    def __init__(self, cfg: LabConfig, rank: int, world: int, topo, accel, group) -> None:
+        self.cfg, self.rank, self.world, self.topo, self.accel = cfg, rank, world, topo, accel
+        self.group = group
+        self.e_l = cfg.experts // world
+        self.order = topo.group_order(min(cfg.group_size, world))
+        self.last_shadows: list[int] = []
+        self.dtype = _TORCH_DTYPES[cfg.dtype]
+        if isinstance(accel, RealExperts):
+            self.expert_params = accel.params
+        elif cfg.shadow != "never":
+            # stand-in parameters of the local experts (2 F H elements each), broadcast at
+            # their real size when shadowed
+            self.expert_params = [torch.zeros(2 * cfg.ffn, cfg.hidden, dtype=self.dtype)
+                                  for _ in range(self.e_l)]
+        else:
+            self.expert_params = []
+
+    def gather_counts(self, row: np.ndarray) -> torch.Tensor:
+        """The dispatcher's all-gather of every rank's tokens-per-expert row."""
+        local = torch.as_tensor(row, dtype=torch.int64)
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local, group=self.group)
+        return torch.stack(out)
+
+    def megatron(self, x, p, row):
+        counts = self.gather_counts(row)
+        return sync_exchange(x, p, counts, self.accel.expert_fn, self.group)
+
+    def fastermoe(self, x, p, row):
+        cfg = self.cfg
+        counts = self.gather_counts(row)
+        c = counts.numpy()
+        shadows = select_shadows(cfg.shadow, c, self.topo, cfg.hidden, cfg.ffn, cfg.dtype,
+                                 min(cfg.group_size, self.world), cfg.shadow_max_experts)
+        self.last_shadows = list(shadows)
+        params = list(self.expert_params) if isinstance(self.accel, RealExperts) else []
+        g = min(cfg.group_size, self.world)
+        if not shadows:
+            return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
+                                  group_size=g, group_order=self.order)
+        order = sorted(set(shadows))
+        tensors, owners = [], []
+        for e in order:
+            owner = e // self.e_l
+            tensors.append(self.expert_params[e - self.rank * self.e_l] if owner == self.rank
+                           else None)
+            owners.append(owner)
+        tmpl = [self.expert_params[0]] * len(order)
+        weights = dict(zip(order, broadcast_from_owners(tensors, owners, tmpl, self.group)))
+        split = ShadowSplit.build(c[self.rank].tolist(), order)
+        x_rest, x_blocks = split.split(x)
+        p_rest, p_blocks = split.split(p)
+        y_blocks = {e: self.accel.shadow_fn([weights[e]], x_blocks[e], p_blocks[e])
+                    for e in order}
+        mine = {e - self.rank * self.e_l for e in order if e // self.e_l == self.rank}
+        params = [w for i, w in enumerate(params) if i not in mine]
+        y_rest = smart_exchange(x_rest, p_rest, routed_counts(counts, order),
+                                self.accel.expert_fn, params, group=self.group, group_size=g,
+                                group_order=self.order)
+        return split.merge(y_rest, y_blocks)
+
+
+def _alone_alltoall(layer: _Layer, row: np.ndarray, rows: np.ndarray, x: torch.Tensor) -> float:
+    """One all_to_all_single of the routed tokens alone (the overlap bound's A)."""
+    e_l, rank = layer.e_l, layer.rank
+    ins = [int(rows[rank, w * e_l:(w + 1) * e_l].sum()) for w in range(layer.world)]
+    outs = [int(rows[s, rank * e_l:(rank + 1) * e_l].sum()) for s in range(layer.world)]
+    out = x.new_empty((sum(outs), x.shape[1]))
+    dist.barrier(group=layer.group)
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x.detach(), outs, ins, group=layer.group)
+    return time.perf_counter() - t0
+
+
+def lab_worker(cfg: LabConfig) -> Optional[dict]:
+    """Run the benchmark on this rank (process group from the torchrun environment); rank 0
+    returns (and writes) the results, the others None."""
+    cfg.validate()
+    torch.set_num_threads(1)
+    rank, world = _init_process_group()
+    load_start = os.getloadavg()[0]
+    logging.basicConfig(level=cfg.log_level.upper() if rank == 0 else "WARNING",
+                        format=f"[lab rank {rank}] %(message)s", force=True)
+    group = dist.new_group(list(range(world)))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    under_emulator = "MMX_EMULATION_SCALE" in os.environ
+    topo = lab_topology(cfg.cluster, world, local_world if under_emulator else None)
+    dil, dil_source = resolve_dilation(cfg.dilation)
+    if cfg.floor:
+        dil, dil_source = 0.0, "floor: compute zero"
+    dtype = _TORCH_DTYPES[cfg.dtype]
+    if cfg.experts % world:
+        raise ValueError(f"--experts {cfg.experts} must be a multiple of W={world}")
+    e_l = cfg.experts // world
+    if cfg.compute == "emulated":
+        accel = EmulatedAccelerator.for_cluster(topo, cfg.dtype, cfg.hidden, cfg.ffn, dil)
+        accel.stats.record = cfg.record
+    else:
+        accel = RealExperts(e_l, cfg.hidden, cfg.ffn, dtype, cfg.seed, rank * e_l)
+        dil, dil_source = 1.0, "real compute"
+    layer = _Layer(cfg, rank, world, topo, accel, group)
+    impls = list(IMPLS) if cfg.impl == "both" else [cfg.impl]
+    runs = list(impls)
+    if cfg.skew > 0 and "megatron" in impls:
+        runs.append("megatron_balanced")
+    logger.info("lab: %s W=%d (%d per node), T=%d, H=%d, F=%d, E=%d, top-%d, skew=%g%s, g=%d, "
+                "shadow=%s, %s, compute=%s, D=%g (%s)", topo.spec.name, world, local_world,
+                cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, cfg.skew,
+                " (varying)" if cfg.vary_routing else "", cfg.group_size, cfg.shadow, cfg.dtype,
+                cfg.compute, dil, dil_source)
+
+    n_rows = cfg.tokens * cfg.topk
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    x0 = torch.randn(n_rows, cfg.hidden, generator=gen).to(dtype)
+    p0 = torch.rand(n_rows, generator=gen).to(dtype)
+    gy = torch.randn(n_rows, cfg.hidden, generator=gen).to(dtype)
+    times: dict[str, list[float]] = {}
+    preds: dict[str, list[float]] = {}
+    shadow_sets, records, alone_a2a, comp_fwd = [], [], [], []
+    sleep_req = sleep_act = 0.0
+    gc.disable()
+    for it in range(cfg.warmup + cfg.iters):
+        timed = it >= cfg.warmup
+        rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed, it,
+                          cfg.vary_routing)
+        bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
+        for name in (runs if it % 2 == 0 else runs[::-1]):
+            r = bal if name == "megatron_balanced" else rows
+            fn = layer.fastermoe if name == "fastermoe" else layer.megatron
+            x = x0.detach().requires_grad_(True)
+            p = p0.detach().requires_grad_(True)
+            accel.stats.reset()
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            y = fn(x, p, r[rank])
+            t1 = time.perf_counter()
+            dist.barrier(group=group)
+            t2 = time.perf_counter()
+            y.backward(gy)
+            t3 = time.perf_counter()
+            if not timed:
+                continue
+            times.setdefault(f"{name}.fwd", []).append(t1 - t0)
+            times.setdefault(f"{name}.bwd", []).append(t3 - t2)
+            sleep_req += accel.stats.requested_s
+            sleep_act += accel.stats.actual_s
+            if name == "fastermoe":
+                shadow_sets.append(list(layer.last_shadows))
+            if cfg.record and name == "fastermoe":
+                plan = build_plan(routed_counts(torch.as_tensor(rows), layer.last_shadows)
+                                  .tolist(), rank, world, min(cfg.group_size, world), layer.order)
+                records.append({
+                    "shadows": list(layer.last_shadows),
+                    "sent_per_step": plan.tokens_sent_per_step(),
+                    "received_per_step": plan.tokens_received_per_step(),
+                    "chunks": list(accel.stats.chunks),
+                    "out": [list(y.shape), str(y.dtype)],
+                    "grad_x": [list(x.grad.shape), str(x.grad.dtype)],
+                })
+            if rank == 0:
+                label = "megatron" if name.startswith("megatron") else "fastermoe"
+                sched = "sync" if label == "megatron" else "smart"
+                sh = layer.last_shadows if label == "fastermoe" else []
+                preds.setdefault(name, []).append(predict(
+                    r, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
+                    min(cfg.group_size, world) if sched == "smart" else 1, sh).total_s)
+        if timed:
+            alone_a2a.append(_alone_alltoall(layer, rows[rank], rows, x0))
+            b_rank = int(rows[:, rank * e_l:(rank + 1) * e_l].sum())
+            comp_fwd.append(accel.forward_seconds(b_rank) if cfg.compute == "emulated" else 0.0)
+        gc.collect()
+    gc.enable()
+
+    # max over ranks of every per-iteration figure
+    keys = sorted(times)
+    flat = torch.tensor([v for k in keys for v in times[k]] + alone_a2a + comp_fwd
+                        + [sleep_req, sleep_act], dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    k = cfg.iters
+    mx = {key: flat[i * k:(i + 1) * k].tolist() for i, key in enumerate(keys)}
+    base = len(keys) * k
+    a2a_mx, comp_mx = flat[base:base + k].tolist(), flat[base + k:base + 2 * k].tolist()
+    sleep_req_mx, sleep_act_mx = float(flat[-2]), float(flat[-1])
+    rec_all = [None] * world
+    if cfg.record:
+        dist.all_gather_object(rec_all, records, group=group)
+    load_end = os.getloadavg()[0]
+    results = None
+    if rank == 0:
+        results = _summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds,
+                             shadow_sets, a2a_mx, comp_mx, sleep_req_mx, sleep_act_mx,
+                             (load_start, load_end))
+        if cfg.record:
+            results["records"] = rec_all
+        if cfg.json:
+            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.json).write_text(json.dumps(results, indent=1))
+            logger.info("wrote %s", cfg.json)
+        print(format_table(results), flush=True)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+    return results
+
+
+def _summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_sets,
+               a2a, comp, sleep_req, sleep_act, loads) -> dict:
+    """Rank 0's JSON document (same keys as scripts/bench_moe_layer.py where they apply)."""
+    res: dict = {"impls": {}, "mode": "floor" if cfg.floor else cfg.compute}
+    scale = 1.0 / dil if dil > 0 else None  # cluster seconds per lab second
+    for name in sorted({k.split(".")[0] for k in mx}):
+        fwd, bwd = mx[f"{name}.fwd"], mx[f"{name}.bwd"]
+        tot = [a + b for a, b in zip(fwd, bwd)]
+        pred = _median(preds.get(name, []))
+        res["impls"][name] = {
+            "fwd_s": _median(fwd), "bwd_s": _median(bwd), "fwd_bwd_s": _median(tot),
+            "fwd_bwd_s_min": min(tot), "fwd_bwd_s_max": max(tot),
+            "cluster_fwd_bwd_s": _median(tot) * scale if scale else None,
+            "predicted_fwd_bwd_s": pred,
+            "predicted_lab_fwd_bwd_s": pred * dil if pred is not None else None,
+            "measured_over_predicted": (_median(tot) * scale / pred
+                                        if scale and pred else None),
+            "fwd_s_iters": fwd, "bwd_s_iters": bwd}
+    if "megatron_balanced" in res["impls"]:
+        res["megatron_balanced"] = res["impls"].pop("megatron_balanced")
+    distinct = []
+    for sh in shadow_sets:
+        if sh not in distinct:
+            distinct.append(sh)
+    res["shadow_policy"] = cfg.shadow
+    res["shadows"] = distinct
+    res["shadow_set_counts"] = [shadow_sets.count(sh) for sh in distinct]
+    imp = res["impls"]
+    if "megatron" in imp and "fastermoe" in imp:
+        m, f = imp["megatron"], imp["fastermoe"]
+        for key in ("fwd", "bwd", "fwd_bwd"):
+            res[f"ratio_{key}"] = m[f"{key}_s"] / f[f"{key}_s"]
+        mt = [a + b for a, b in zip(m["fwd_s_iters"], m["bwd_s_iters"])]
+        ft = [a + b for a, b in zip(f["fwd_s_iters"], f["bwd_s_iters"])]
+        res["ratio_fwd_bwd_paired"] = _median([a / b for a, b in zip(mt, ft)])
+        res["ratio_fwd_bwd_min"] = m["fwd_bwd_s_min"] / f["fwd_bwd_s_min"]
+        if m["predicted_fwd_bwd_s"] and f["predicted_fwd_bwd_s"]:
+            res["predicted_ratio_fwd_bwd"] = m["predicted_fwd_bwd_s"] / f["predicted_fwd_bwd_s"]
+    res["balance_bound"] = res["bound_fraction"] = None
+    if "megatron_balanced" in res and "megatron" in imp:
+        res["balance_bound"] = imp["megatron"]["fwd_bwd_s"] / res["megatron_balanced"]["fwd_bwd_s"]
+        if "ratio_fwd_bwd" in res:
+            res["bound_fraction"] = res["ratio_fwd_bwd"] / res["balance_bound"]
+    a, c_fwd = _median(a2a), _median(comp)
+    lat_comm, lat_comp = 4 * a, 3 * c_fwd
+    bound = (lat_comm + lat_comp) / max(lat_comm, lat_comp) if max(lat_comm, lat_comp) > 0 else 1.0
+    achieved = res.get("ratio_fwd_bwd")
+    frac = (achieved - 1) / (bound - 1) if achieved is not None and bound > 1 + 1e-9 else None
+    res["bound_fraction_schedule"] = frac
+    res["overlap"] = {"alltoall_s": a, "expert_fwd_s": c_fwd, "expert_bwd_s": 2 * c_fwd,
+                      "lat_comm_s": lat_comm, "lat_comp_s": lat_comp, "bound": bound,
+                      "achieved": achieved, "bound_fraction_schedule": frac,
+                      "definition": "as scripts/bench_moe_layer.py; expert times are the "
+                                    "emulated accelerator's (max over ranks of the local load)"}
+    res["dilation"] = dil
+    res["lab"] = {
+        "dilation": dil, "dilation_source": dil_source,
+        "emulator_scale": os.environ.get("MMX_EMULATION_SCALE"),
+        "sleep_requested_s": sleep_req, "sleep_actual_s": sleep_act,
+        "oversleep_fraction": (sleep_act - sleep_req) / sleep_req if sleep_req > 0 else None,
+        "note": "the lab's own cost per layer call is the floor run (--floor, links unlimited): "
+                "compare its fwd_bwd_s with this run's (docs/emulation.md, the lab)"}
+    res["cluster"] = {"name": topo.spec.name, "file": cfg.cluster, "workers": world,
+                      "workers_per_node": topo.workers_per_node, "nodes": topo.nodes}
+    res["config"] = dict(asdict(cfg), world_size=world, local_world_size=local_world)
+    res["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                      "torch": torch.__version__, "loadavg_1min_start": loads[0],
+                      "loadavg_1min_end": loads[1],
+                      "date_utc": datetime.datetime.now(datetime.timezone.utc)
+                      .isoformat(timespec="seconds")}
+    return res
+
+
+def format_table(r: dict) -> str:
+    """Human-readable summary (rank 0)."""
+    def ms(v):
+        return f"{v * 1e3:10.2f}" if v is not None else f"{'-':>10}"
+
+    lines = [f"lab ({r['mode']}, D={r['dilation']:g}) {r['cluster']['name']} "
+             f"W={r['cluster']['workers']}",
+             f"{'impl':<10} {'fwd ms':>10} {'bwd ms':>10} {'fwd+bwd ms':>10} {'pred ms':>10}"
+             f" {'meas/pred':>10}"]
+    rows = list(r["impls"].items())
+    if r.get("megatron_balanced"):
+        rows.append(("meg@bal", r["megatron_balanced"]))
+    for name, v in rows:
+        mp = v.get("measured_over_predicted")
+        lines.append(f"{name:<10} {ms(v['fwd_s'])} {ms(v['bwd_s'])} {ms(v['fwd_bwd_s'])} "
+                     f"{ms(v.get('predicted_lab_fwd_bwd_s'))} "
+                     f"{'-' if mp is None else f'{mp:10.3f}'}")
+    if "ratio_fwd_bwd" in r:
+        lines.append(f"ratio megatron/fastermoe fwd+bwd {r['ratio_fwd_bwd']:.3f} (paired "
+                     f"{r['ratio_fwd_bwd_paired']:.3f}), predicted "
+                     f"{r.get('predicted_ratio_fwd_bwd', float('nan')):.3f}")
+    if r["shadows"] and r["shadows"] != [[]]:
+        lines.append("shadows: " + ", ".join(f"{s} x{n}" for s, n in
+                                             zip(r["shadows"], r["shadow_set_counts"])))
+    lab = r["lab"]
+    if lab["oversleep_fraction"] is not None:
+        lines.append(f"emulated compute: requested {lab['sleep_requested_s']:.3f} s, slept "
+                     f"{lab['sleep_actual_s']:.3f} s (+{lab['oversleep_fraction'] * 100:.1f} %)")
+    lines.append(f"load average {r['machine']['loadavg_1min_start']:.2f} -> "
+                 f"{r['machine']['loadavg_1min_end']:.2f}")
+    return "\n".join(lines)
+
+
+def run_lab(cfg: LabConfig) -> int:
+    """Run :func:`lab_worker` here under torchrun, else on ``cfg.world_size`` spawned
+    processes; returns an exit code."""
+    from ..runtime.launch import run_workers
+
+    cfg.validate()
+    return run_workers(_worker_entry, cfg.world_size, cfg)
+
+
+def _worker_entry(cfg: LabConfig) -> int:
+    lab_worker(cfg)
+    return 0

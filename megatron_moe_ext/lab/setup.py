@@ -1,0 +1,183 @@
+"""Pure pieces of the scale lab: cluster / topology for W workers, dilation, routing, shadows.
+
+Notation
+--------
+W      workers of the run (expert-parallel size); M workers per node of the cluster
+E      experts (a multiple of W); T tokens per worker before top-k; k top-k
+counts [W, E] tokens worker w sends to expert e (identical on every rank)
+D      time dilation: lab seconds per cluster second
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
+from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
+from ..perf.topology import ClusterSpec, ClusterSpecError, Topology, load_cluster
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMULATION_CLUSTER_ENV", "EMULATION_SCALE_ENV", "SHADOW_POLICIES", "emulator_scale",
+    "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
+    "predict",
+]
+
+EMULATION_SCALE_ENV = "MMX_EMULATION_SCALE"
+"""Set by the cluster emulator (:meth:`EmulatedCluster.env_for`) in every launched process:
+the factor applied to every link bandwidth."""
+EMULATION_CLUSTER_ENV = "MMX_EMULATION_CLUSTER"
+"""Set by the cluster emulator: the emulated cluster's name (a file of configs/clusters/)."""
+
+SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
+"""Accepted shadow policies (``moe.fastermoe.shadow.policy``)."""
+
+
+def emulator_scale() -> Optional[float]:
+    """The emulator's link scale when this process runs under it, else None."""
+    raw = os.environ.get(EMULATION_SCALE_ENV)
+    if raw is None:
+        return None
+    scale = float(raw)
+    if not scale > 0:
+        raise ValueError(f"{EMULATION_SCALE_ENV}={raw!r} set by the emulator is not > 0")
+    return scale
+
+
+def default_cluster(fallback: str) -> str:
+    """The emulated cluster under the emulator (so accelerators, prediction and shadow
+    policies use its numbers), else ``fallback``."""
+    return os.environ.get(EMULATION_CLUSTER_ENV) or fallback
+
+
+def resolve_dilation(value: str | float) -> tuple[float, str]:
+    """(D, how it was chosen) for ``--dilation auto|D``.
+
+    ``auto``: 1 / the emulator's link scale under the emulator (compute and links are dilated
+    alike), else 1.
+    """
+    if isinstance(value, str) and value == "auto":
+        scale = emulator_scale()
+        if scale is None:
+            return 1.0, "auto: not under the emulator"
+        return 1.0 / scale, f"auto: 1 / emulator link scale {scale:g}"
+    try:
+        d = float(value)
+    except ValueError:
+        raise ValueError(f"--dilation: expected 'auto' or a number, got {value!r}") from None
+    if not d > 0:
+        raise ValueError(f"--dilation must be > 0, got {value!r}")
+    return d, "given"
+
+
+def lab_topology(cluster: str | ClusterSpec, num_workers: int,
+                 workers_per_node: Optional[int] = None) -> Topology:
+    """The cluster's topology with as many nodes as ``num_workers`` fill.
+
+    The cluster's own node layout is kept (M workers per node); with ``num_workers`` = n M the
+    topology has n nodes. ``workers_per_node`` (e.g. torchrun's LOCAL_WORLD_SIZE under the
+    emulator) must then equal M, so that emulated nodes and modelled nodes coincide.
+    """
+    spec = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    m = spec.workers_per_node
+    if workers_per_node is not None and workers_per_node != m:
+        raise ClusterSpecError(
+            f"{spec.name}: the run has {workers_per_node} workers per node, the cluster {m}; "
+            "the lab needs the cluster's layout (emulate_cluster.py --workers-per-node "
+            f"{m})")
+    if num_workers % m:
+        raise ClusterSpecError(f"{spec.name}: {num_workers} workers do not fill nodes of {m}")
+    if num_workers // m != spec.nodes:
+        spec = dataclasses.replace(spec, nodes=num_workers // m)
+    return Topology(spec)
+
+
+def _zipf_row(total: int, num_experts: int, cap: int, skew: float,
+              popularity: np.ndarray) -> np.ndarray:
+    """Exact copies per expert (sum ``total``, each <= ``cap``), p_e ~ 1 / rank_e^skew."""
+    p = 1.0 / (popularity + 1.0) ** float(skew)
+    counts = np.zeros(num_experts, dtype=np.int64)
+    left = np.ones(num_experts, dtype=bool)
+    remaining = total
+    while remaining > 0:  # largest remainder, capped at ``cap``, excess redistributed
+        share = remaining * p * left / (p * left).sum()
+        add = np.floor(share).astype(np.int64)
+        for e in np.argsort(-(share - add), kind="stable")[: remaining - int(add.sum())]:
+            add[e] += 1
+        counts += add
+        over = np.maximum(counts - cap, 0)
+        counts -= over
+        left &= counts < cap
+        remaining = int(over.sum())
+    return counts
+
+
+def lab_counts(num_workers: int, num_experts: int, tokens: int, topk: int, skew: float,
+               seed: int, iteration: int = 0, vary: bool = False) -> np.ndarray:
+    """Routing counts [W, E] of one layer call, identical on every rank.
+
+    skew = 0: every worker spreads its T k copies evenly (remainder to the lowest experts).
+    skew > 0: every worker's copies follow Zipf(skew) over experts (at most T per expert, a
+    token picks an expert once); expert popularity ranks are a permutation drawn from
+    ``seed`` (and ``iteration`` when ``vary``), so the hot experts move between iterations.
+    """
+    if not 1 <= topk <= num_experts or num_experts % num_workers:
+        raise ValueError(f"need 1 <= topk <= E and E % W == 0 (E={num_experts}, "
+                         f"W={num_workers}, topk={topk})")
+    total = tokens * topk
+    if skew <= 0:
+        base, rem = divmod(total, num_experts)
+        row = np.full(num_experts, base, dtype=np.int64)
+        row[:rem] += 1
+        return np.tile(row, (num_workers, 1))
+    rng = np.random.default_rng([seed, iteration if vary else 0])
+    popularity = rng.permutation(num_experts).astype(float)
+    rows = []
+    for w in range(num_workers):  # each worker's own mild variation of the same law
+        jitter = np.random.default_rng([seed, iteration if vary else 0, w + 1])
+        pop = popularity + jitter.uniform(-0.25, 0.25, num_experts)
+        rows.append(_zipf_row(total, num_experts, tokens, skew, pop))
+    return np.stack(rows)
+
+
+def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype: str,
+            schedule: str, group_size: int = 1, shadows: Sequence[int] = ()) -> LayerPrediction:
+    """perf.model.predict_layer of one lab layer call (contiguous expert placement)."""
+    return predict_layer(np.asarray(counts, dtype=float), None, hidden, ffn / hidden,
+                         DTYPE_BYTES[dtype], topology, dtype=dtype, schedule=schedule,
+                         group_size=group_size, shadow_experts=list(shadows))
+
+
+def select_shadows(policy: str, counts: np.ndarray, topology: Topology, hidden: int, ffn: int,
+                   dtype: str, group_size: int, max_experts: int = 1,
+                   cost: Optional[Callable[[list[int]], float]] = None) -> list[int]:
+    """Experts to shadow, by the rules of FasterMoELayer.select_shadows (same policies).
+
+    ``predictor``: Algorithm 1 with the cluster's P and W_net; ``model``: the greedy over the
+    full model's predicted smart-schedule layer time (``cost`` overrides it); ``top_k``: the
+    ``max_experts`` most loaded experts.
+    """
+    if policy not in SHADOW_POLICIES:
+        raise ValueError(f"shadow policy {policy!r} is not one of {', '.join(SHADOW_POLICIES)}")
+    c = np.asarray(counts, dtype=float)
+    w = c.shape[0]
+    if policy == "never" or w < 2:
+        return []
+    if policy == "top_k":
+        return [int(e) for e in top_k_shadows(c, max_experts)]
+    if policy == "model":
+        def model_cost(s: list[int]) -> float:
+            return predict(c, topology, hidden, ffn, dtype, "smart", group_size, s).total_s
+
+        return [int(e) for e in choose_shadows_by_cost(c, cost or model_cost)]
+    p = topology.gemm_throughput(dtype)
+    p = float(p(np.asarray(c.sum() / w))) if callable(p) else float(p)
+    return [int(e) for e in choose_shadows(c, c.shape[1] // w, H=hidden, alpha=ffn / hidden,
+                                           dtype_bytes=DTYPE_BYTES[dtype], gemm_flops=p,
+                                           net_bandwidth=topology.net_bandwidth())]
