@@ -75,6 +75,7 @@ def test_emulated_run_has_the_real_runs_plan_traffic_and_shadows(tmp_path, shado
     kw = dict(skew=1.5, vary_routing=True, group_size=2, shadow=shadow, impl="fastermoe")
     emu, real = _run(tmp_path, "emulated", **kw), _run(tmp_path, "real", **kw)
     assert emu["mode"] == "emulated" and real["mode"] == "real"
+    assert any(emu["shadows"])  # the skewed routing does make the policy shadow
     assert emu["shadows"] == real["shadows"] and emu["shadow_set_counts"] == real["shadow_set_counts"]
     for r_emu, r_real in zip(emu["records"], real["records"]):  # per rank
         assert len(r_emu) == len(r_real) == 2
