@@ -1,6 +1,6 @@
 """megatron-moe-ext: FasterMoE-style expert parallelism as a megatron-core plugin."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="megatron-moe-ext",
@@ -8,7 +8,15 @@ setup(
     description="Fast distributed Mixture-of-Experts training for megatron-core "
     "(FasterMoE smart schedule, shadow experts, topology-aware gate, performance model)",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_moe_ext", "megatron_moe_ext.*"]),
+    # The shipped configs (configs/*.yaml, configs/models/, configs/clusters/) stay in the
+    # repository's configs/ for users and become package data megatron_moe_ext/configs/ once
+    # installed, where perf.cluster.CONFIG_DIR finds them (load_cluster('johnny') anywhere).
+    # Namespace packages too: megatron_moe_ext/megatron/ and runtime/ have no __init__.py.
+    packages=find_namespace_packages(include=["megatron_moe_ext", "megatron_moe_ext.*"],
+                                     exclude=["*.__pycache__"])
+    + ["megatron_moe_ext.configs"],
+    package_dir={"megatron_moe_ext.configs": "configs"},
+    package_data={"megatron_moe_ext.configs": ["*.yaml", "clusters/*.yaml", "models/*.yaml"]},
     py_modules=["pretrain_gpt_moe"],
     install_requires=[
         # Install a torch build first (CPU: `pip install torch==2.13.0`); any torch >= 2.4 that

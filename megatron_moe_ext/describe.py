@@ -45,7 +45,6 @@ plus the logits S b V (e + 4) bytes on the last stage.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -288,35 +287,33 @@ def memory_per_gpu(cfg: Config, layout: dict[str, Any], V: int) -> dict[str, Any
 # --------------------------------------------------------------------------------------
 
 
-def _ep_topology(cluster: str, ep: int):
-    """(topology of the EP group's workers, note) or (None, reason)."""
-    from megatron_moe_ext.perf.topology import build_topology, load_cluster
-
-    spec = load_cluster(cluster)
-    m = spec.workers_per_node
-    if ep < 2:
-        return None, "expert parallel size 1: no all-to-all to model"
-    if ep == spec.num_workers:
-        return build_topology(spec), ""
-    if ep % m == 0 and ep // m <= spec.nodes:
-        return (build_topology(dataclasses.replace(spec, nodes=ep // m)),
-                f"EP group = {ep // m} of the {spec.nodes} nodes of {spec.name}")
-    return None, (f"parallel.expert={ep} does not map to whole nodes of {spec.name} "
-                  f"({spec.nodes} x {m} workers)")
-
-
 def predict(cfg: Config, cluster: str, tokens_per_worker: int,
             layout: dict[str, Any]) -> dict[str, Any]:
     """Per-MoE-layer latency and roofline position for sync EP and the smart schedule,
     balanced routing (perf/model.py predict_layer)."""
     from megatron_moe_ext.perf.model import ideal_throughput, predict_layer, semi_ideal_throughput
     from megatron_moe_ext.perf.roofline import make_counts
+    from megatron_moe_ext.perf.topology import (
+        calibration_note,
+        ep_topology,
+        is_stand_in,
+        load_cluster,
+    )
 
-    topo, note = _ep_topology(cluster, cfg.parallel.expert)
+    ep = cfg.parallel.expert
     out: dict[str, Any] = {"cluster": cluster, "tokens_per_worker": tokens_per_worker}
-    if topo is None:
-        out["skipped"] = note
+    full = load_cluster(cluster)  # a missing or invalid cluster is an error, whatever ep is
+    if ep < 2:
+        out["skipped"] = "expert parallel size 1: no all-to-all to model"
         return out
+    topo = ep_topology(cluster, ep)
+    if is_stand_in(topo):
+        out["skipped"] = (f"parallel.expert={ep} does not map to whole nodes of {cluster} "
+                          "(the layer would model it on a one-switch stand-in)")
+        return out
+    note = ("" if full.num_workers == ep else
+            f"EP group = {topo.nodes} of the {full.nodes} nodes of {full.name}")
+    out["calibration_note"] = calibration_note(full)
     s = _shapes(cfg)
     H, n = s["H"], topo.num_workers
     alpha = s["expert"] / (2.0 * H * H)  # perf model: 2 alpha H^2 MACs per token and expert
@@ -447,6 +444,8 @@ def format_description(d: dict[str, Any]) -> str:
                     f"({100 * q['fraction_of_peak']:.0f}% of {q['peak_tflops']:g}), "
                     f"{q['moe_ms_per_iteration']:.1f} ms MoE per iteration")
             lines.append(f"  smart schedule speedup {perf['smart_speedup']:.2f}x")
+            if perf.get("calibration_note"):
+                lines.append(f"  warning: {perf['calibration_note']}")
     return "\n".join(lines) + "\n"
 
 

@@ -83,15 +83,12 @@ def model_from_config(path: str, tokens: Optional[int] = None,
 
 
 def ep_topology(cluster: str, ep: int):
-    """Topology of the expert-parallel group (describe's rule); SystemExit when it does not fit."""
-    from megatron_moe_ext.describe import _ep_topology
+    """Topology of the expert-parallel group (perf.topology.ep_topology, the layer's rule)."""
+    from megatron_moe_ext.perf.topology import ep_topology as _ep_topology
 
-    topo, note = _ep_topology(cluster, ep)
-    if topo is None:
-        raise SystemExit(f"roofline: {note} (pass --ep, or another --cluster)")
-    if note:
-        logger.info("%s", note)
-    return topo
+    if ep < 2:
+        raise SystemExit("roofline: expert parallel size 1 has no all-to-all to model (pass --ep)")
+    return _ep_topology(cluster, ep)
 
 
 def analyse(path: str, args: argparse.Namespace) -> tuple[list, list[dict[str, Any]]]:

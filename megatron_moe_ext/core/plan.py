@@ -36,6 +36,7 @@ __all__ = [
     "build_plan",
     "make_groups",
     "ring_groups",
+    "step_matrix",
     "validate_group_size",
     "counts_to_lists",
 ]
@@ -164,6 +165,25 @@ def ring_groups(group_index: int, num_groups: int) -> list[tuple[int, int]]:
         ((group_index - j) % num_groups, (group_index + j) % num_groups)
         for j in range(num_groups)
     ]
+
+
+def step_matrix(
+    world_size: int, group_size: int, group_order: Sequence[int] | None = None
+) -> list[list[int]]:
+    """steps[i][w]: the step j at which sender i sends its tokens for w's experts to w.
+
+    Derived from :func:`make_groups` and :func:`ring_groups` (the same rule
+    :func:`build_plan` follows), so the performance model can charge each step's traffic
+    without restating the ring. Step 0 pairs the members of a group (self included).
+    """
+    groups = make_groups(world_size, group_size, group_order)
+    steps = [[0] * world_size for _ in range(world_size)]
+    for k, senders in enumerate(groups):
+        for j, (send_g, _) in enumerate(ring_groups(k, len(groups))):
+            for i in senders:
+                for w in groups[send_g]:
+                    steps[i][w] = j
+    return steps
 
 
 def counts_to_lists(counts: Any) -> list[list[int]]:

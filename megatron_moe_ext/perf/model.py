@@ -21,12 +21,14 @@ ideal P * min(1, R_CC), semi-ideal P * R_CC / (R_CC + 1).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 
+from ..core.plan import step_matrix, validate_group_size
 from .topology import GemmThroughput, Topology
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,6 @@ def routing_matrix(counts: np.ndarray, placement: np.ndarray, num_workers: int) 
 def worker_loads(T: np.ndarray) -> np.ndarray:
     """B_w = sum_i T[i, w] (column sums): tokens processed by worker w."""
     return np.asarray(T, dtype=float).sum(axis=0)
-
-
-def expert_loads(counts: np.ndarray) -> np.ndarray:
-    """Per-expert load: column sums of counts [N, E] over the senders."""
-    return np.asarray(counts, dtype=float).sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -203,19 +200,24 @@ def smart_symmetric_time(a: float, c: float, n: int) -> float:
     return max(2 * n * a, 2 * a + n * c)
 
 
-def schedule_groups(order: Sequence[int], group_size: int) -> np.ndarray:
-    """group[w]: index of the group of worker w; group k = order[k*g:(k+1)*g]."""
-    group = np.empty(len(order), dtype=int)
-    for pos, w in enumerate(order):
-        group[w] = pos // group_size
-    return group
+@functools.lru_cache(maxsize=64)
+def _step_matrix(world_size: int, group_size: int, order: tuple[int, ...]) -> np.ndarray:
+    """:func:`step_matrix` as a read-only [N, N] array, memoized per (N, g, order)."""
+    steps = np.asarray(step_matrix(world_size, group_size, order))
+    steps.setflags(write=False)
+    return steps
 
 
-def smart_step_traffic(T: np.ndarray, group: np.ndarray, step: int) -> np.ndarray:
-    """Tokens moved at step j: T[i, w] where group(w) == (group(i) - j) mod n, else 0."""
-    n = int(group.max()) + 1
-    mask = group[None, :] == (group[:, None] - step) % n
-    return np.where(mask, np.asarray(T, dtype=float), 0.0)
+def smart_step_traffic(T: np.ndarray, group_size: int, order: Sequence[int]) -> np.ndarray:
+    """[n, N, N] tokens moved at each step j of the smart schedule: T[i, w] at the step
+    :func:`megatron_moe_ext.core.plan.step_matrix` gives for the pair (i, w), 0 elsewhere.
+
+    The steps come from core/plan.py, the description the executor runs (``build_plan``).
+    """
+    t = np.asarray(T, dtype=float)
+    steps = _step_matrix(t.shape[0], group_size, tuple(int(w) for w in order))
+    n = t.shape[0] // group_size
+    return np.where(steps[None, :, :] == np.arange(n)[:, None, None], t[None, :, :], 0.0)
 
 
 @dataclass(frozen=True)
@@ -241,15 +243,14 @@ def smart_schedule_times(T: np.ndarray, H: int, alpha: float, dtype_bytes: int,
     """Simulate the grouped pairwise exchange (n = N / g steps) forward and backward.
 
     ``order`` defaults to ``topology.group_order(g)``; ``local_extra`` [N] are tokens each
-    worker computes locally at step 0 (e.g. its own tokens for shadowed experts).
+    worker computes locally at step 0 (e.g. its own tokens for shadowed experts). A group size
+    that does not divide N is a ValueError naming ``moe.fastermoe.group_size``.
     """
-    nw = topology.num_workers
-    g = min(group_size, nw)
+    g = group_size
+    validate_group_size(topology.num_workers, g)  # g must divide N: no silent clamping
     order = topology.group_order(g) if order is None else list(order)
-    group = schedule_groups(order, g)
     sends, comps, rets = [], [], []
-    for j in range(nw // g):
-        tj = smart_step_traffic(T, group, j)
+    for j, tj in enumerate(smart_step_traffic(T, g, order)):
         loads = worker_loads(tj)
         if j == 0 and local_extra is not None:
             loads = loads + np.asarray(local_extra, dtype=float)
@@ -311,13 +312,6 @@ def shadow_comm_times(shadow_experts: Sequence[int], placement: np.ndarray, H: i
         bcast += broadcast_link_loads(size, owner, workers, topology)
         red += reduce_link_loads(size, owner, workers, topology)
     return topology.max_link_time(bcast), topology.max_link_time(red)
-
-
-def lat_shadow_paper(loads_after: np.ndarray, num_shadows: int, H: int, alpha: float,
-                     dtype_bytes: int, gemm_flops: float, net_bandwidth: float) -> float:
-    """Paper's Lat_shadow = max_w(3 * 4 B'_w alpha H^2 / P) + 2r * 2 alpha H^2 * b / W_net."""
-    return 3.0 * compute_time(loads_after, H, alpha, gemm_flops) + shadow_comm_time_simple(
-        num_shadows, H, alpha, dtype_bytes, net_bandwidth)
 
 
 # --------------------------------------------------------------------------------------
@@ -428,7 +422,7 @@ def predict_layer(counts: np.ndarray, placement: Optional[np.ndarray], H: int, a
         fwd = bcast + dispatch + comp + combine
         bwd = dispatch + 2 * comp + combine + red
     elif schedule == "smart":
-        g = min(group_size, n)
+        g = group_size
         steps = smart_schedule_times(t_routed, H, alpha, b, topology, p, g, local_extra=local)
         fwd, bwd = bcast + steps.fwd_s, steps.bwd_s + red
     else:

@@ -106,13 +106,12 @@ def roofline_points(model: MoEModelConfig, topology: Topology, zipf: float = 0.0
     b = DTYPE_BYTES[model.dtype]
     shadows = choose_shadows(counts, model.num_experts // n, model.hidden, model.alpha, b,
                              topology.gemm_flops(model.dtype), topology.net_bandwidth())
-    g = min(group_size, n)
     points = []
     for variant in VARIANTS:
         shadow = shadows if "shadow" in variant else []
         pred = predict_layer(counts, None, model.hidden, model.alpha, b, topology, model.dtype,
                              schedule="smart" if "smart" in variant else "sync",
-                             group_size=g, shadow_experts=shadow)
+                             group_size=group_size, shadow_experts=shadow)
         points.append(RooflinePoint(model.name, variant, pred.r_cc, pred.throughput,
                                     pred.total_s, pred.peak_flops, tuple(shadow)))
     logger.info("%s on %s: %s", model.name, topology.spec.name,

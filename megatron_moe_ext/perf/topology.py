@@ -1,4 +1,4 @@
-"""Cluster descriptions (YAML) and the network topology used by the performance model.
+"""The network topology used by the performance model, built from a cluster description.
 
 Notation
 --------
@@ -9,19 +9,8 @@ P        achieved GEMM throughput of one worker (FLOP/s), per dtype
 W_l      one-direction bandwidth of directed link l (bytes/s in code, Gbit/s in YAML)
 W_net    bandwidth of the slowest NIC (bytes/s); the paper's "network bandwidth"
 
-A cluster file describes one node's internal graph (vertices: workers ``w0..w{M-1}`` and
-named switches such as ``pcie0``, ``cpu0``, ``nvswitch``), the NICs of a node (each attached
-to a vertex of that graph and to one non-blocking inter-node switch), and GEMM throughput::
-
-    name: johnny
-    nodes: 2
-    workers_per_node: 8
-    gemm_tflops: {fp32: 11.5, bf16: 11.5}
-    links:
-      - {a: w0, b: pcie0, gbps: 88, kind: pcie}
-    nics:
-      - {attach: cpu0, gbps: 50}
-    inter_node: {switch: ib}
+The cluster YAML schema, its loader and writer live in :mod:`.cluster`; every public name
+of it is importable from here too (``from megatron_moe_ext.perf.topology import load_cluster``).
 
 Every undirected YAML link becomes two directed links (one per direction), each with the
 full one-direction bandwidth ``gbps * count``. In the :class:`Topology`, node-local vertex
@@ -34,251 +23,52 @@ wins, then the lexicographically smallest vertex sequence, so routing is determi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
-import yaml
+
+from .cluster import (
+    CALIBRATION_KEYS,
+    CLUSTER_DIR,
+    CONFIG_DIR,
+    DUPLEX_MODES,
+    GBIT,
+    REQUIRED_DTYPES,
+    ClusterNotFoundError,
+    ClusterSpec,
+    ClusterSpecError,
+    LinkSpec,
+    NicSpec,
+    available_clusters,
+    calibration_note,
+    cluster_spec_from_dict,
+    cluster_to_dict,
+    load_cluster,
+    save_cluster,
+    this_machine,
+)
+
+__all__ = [
+    "CALIBRATION_KEYS", "CLUSTER_DIR", "CONFIG_DIR", "DUPLEX_MODES", "GBIT", "REQUIRED_DTYPES",
+    "ClusterNotFoundError", "ClusterSpec", "ClusterSpecError", "LinkSpec", "NicSpec",
+    "available_clusters", "calibration_note", "cluster_spec_from_dict", "cluster_to_dict",
+    "load_cluster", "save_cluster", "this_machine", "GemmThroughput", "DirectedLink", "Topology",
+    "build_topology", "ep_topology", "is_stand_in", "STAND_IN_KIND",
+]
 
 logger = logging.getLogger(__name__)
 
-GBIT = 1e9 / 8.0
-"""Bytes per second in one Gbit/s."""
-
-CLUSTER_DIR = Path(__file__).resolve().parents[2] / "configs" / "clusters"
-"""Directory searched by :func:`load_cluster` when given a bare cluster name."""
-
-REQUIRED_DTYPES = ("fp32", "bf16")
-"""Dtypes every cluster file must give a GEMM throughput for."""
+STAND_IN_KIND = "stand-in"
+"""Link ``kind`` of the one-switch stand-in :func:`ep_topology` builds (see :func:`is_stand_in`)."""
 
 GemmThroughput = Union[float, Callable[[np.ndarray], np.ndarray]]
 """Achieved GEMM throughput: a constant in FLOP/s, or a function of the tokens per GEMM."""
-
-
-class ClusterSpecError(ValueError):
-    """A problem in a cluster description; the message names the file and the bad key."""
-
-
-# --------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """An undirected intra-node connection between two named vertices of a node."""
-
-    a: str
-    """One end: a worker ``w<i>`` (0 <= i < workers_per_node) or a switch name."""
-    b: str
-    """The other end."""
-    gbps: float
-    """One-direction bandwidth of one physical link, Gbit/s (measured, not nominal)."""
-    count: int = 1
-    """Number of parallel physical links (e.g. 2 for a double NVLink); bandwidth multiplies."""
-    latency_us: float = 0.0
-    """One-way latency in microseconds (informational; the model ignores latency)."""
-    kind: str = ""
-    """Free-form label, e.g. ``pcie``, ``qpi``, ``nvlink``."""
-
-    @property
-    def bandwidth(self) -> float:
-        """Aggregate one-direction bandwidth in bytes/s."""
-        return self.gbps * self.count * GBIT
-
-
-@dataclass(frozen=True)
-class NicSpec:
-    """A network adapter of every node, between ``attach`` and the inter-node switch."""
-
-    attach: str
-    """Vertex of the node graph the NIC hangs off (a switch, a CPU socket or a worker)."""
-    gbps: float
-    """One-direction bandwidth, Gbit/s."""
-    count: int = 1
-    """Number of bonded ports; bandwidth multiplies."""
-    latency_us: float = 0.0
-    """One-way latency in microseconds (informational)."""
-
-    @property
-    def bandwidth(self) -> float:
-        """Aggregate one-direction bandwidth in bytes/s."""
-        return self.gbps * self.count * GBIT
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """A cluster: identical nodes, an intra-node link graph, NICs and GEMM throughput."""
-
-    name: str
-    """Cluster name, e.g. ``johnny``."""
-    nodes: int
-    """Number of nodes."""
-    workers_per_node: int
-    """Workers (GPUs or CPU processes) per node, M."""
-    gemm_tflops: Mapping[str, float]
-    """Achieved GEMM throughput per dtype in TFLOP/s (e.g. 90% of peak, or measured)."""
-    links: tuple[LinkSpec, ...] = ()
-    """Intra-node links (the same graph in every node)."""
-    nics: tuple[NicSpec, ...] = ()
-    """NICs of each node; one per worker is allowed (attach each to its worker)."""
-    inter_switch: str = "net"
-    """Name of the non-blocking inter-node switch vertex."""
-    gemm_curve: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
-    """Optional efficiency curve per dtype: (tokens per GEMM, TFLOP/s) points, interpolated."""
-    description: str = ""
-    """Free text: hardware, sources and assumptions."""
-    duplex: str = "full"
-    """``full``: the two directions between two workers are independent (NCCL, RDMA, raw
-    TCP). ``half``: the transport moves one direction of a worker pair at a time, so a pair's
-    exchange costs the bytes of both directions over the path's bottleneck; gloo's TCP pairs
-    behave so (docs/emulation.md). ``scripts/calibrate.py`` writes ``half`` when its
-    simultaneous exchange is well below the ping-pong rate."""
-
-    @property
-    def num_workers(self) -> int:
-        """N = nodes * workers_per_node."""
-        return self.nodes * self.workers_per_node
-
-
-_TOP_KEYS = {
-    "name", "nodes", "workers_per_node", "gemm_tflops", "gemm_curve", "links", "nics",
-    "inter_node", "description", "duplex",
-}
-DUPLEX_MODES = ("full", "half")
-"""Accepted values of the top-level ``duplex`` key."""
-_LINK_KEYS = {"a", "b", "gbps", "count", "latency_us", "kind"}
-_NIC_KEYS = {"attach", "gbps", "count", "latency_us"}
-_INTER_KEYS = {"switch"}
-
-
-def _check_keys(where: str, data: Any, allowed: set[str], required: Sequence[str]) -> None:
-    """Raise :class:`ClusterSpecError` for a non-mapping, unknown or missing keys."""
-    if not isinstance(data, Mapping):
-        raise ClusterSpecError(f"{where}: expected a mapping, got {type(data).__name__}")
-    unknown = sorted(set(map(str, data)) - allowed)
-    if unknown:
-        raise ClusterSpecError(
-            f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})"
-        )
-    for key in required:
-        if key not in data:
-            raise ClusterSpecError(f"{where}.{key}: required key is missing")
-
-
-def _number(where: str, value: Any, positive: bool = True) -> float:
-    """Return ``value`` as float; it must be a number (and > 0 when ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ClusterSpecError(f"{where}: expected a number, got {value!r}")
-    if positive and not value > 0:
-        raise ClusterSpecError(f"{where}: must be > 0, got {value!r}")
-    if not positive and value < 0:
-        raise ClusterSpecError(f"{where}: must be >= 0, got {value!r}")
-    return float(value)
-
-
-def _integer(where: str, value: Any) -> int:
-    """Return ``value`` as a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ClusterSpecError(f"{where}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_vertex(where: str, name: Any, workers_per_node: int) -> str:
-    """A vertex name is a string; ``w<i>`` names must be existing workers."""
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ClusterSpecError(f"{where}: expected a vertex name without '/', got {name!r}")
-    if name[0] == "w" and name[1:].isdigit() and int(name[1:]) >= workers_per_node:
-        raise ClusterSpecError(
-            f"{where}: worker {name!r} does not exist (workers_per_node={workers_per_node})"
-        )
-    return name
-
-
-def cluster_spec_from_dict(data: Mapping[str, Any], source: str = "<cluster>") -> ClusterSpec:
-    """Validate a parsed cluster description and build a :class:`ClusterSpec`.
-
-    Errors name ``source`` and the dotted key, e.g. ``johnny.yaml: links[3].gbps: ...``.
-    """
-    _check_keys(source, data, _TOP_KEYS, ("name", "nodes", "workers_per_node", "gemm_tflops"))
-    m = _integer(f"{source}: workers_per_node", data["workers_per_node"])
-    nodes = _integer(f"{source}: nodes", data["nodes"])
-    tflops_raw = data["gemm_tflops"]
-    if not isinstance(tflops_raw, Mapping):
-        raise ClusterSpecError(f"{source}: gemm_tflops: expected a mapping dtype -> TFLOP/s")
-    tflops = {str(k): _number(f"{source}: gemm_tflops.{k}", v) for k, v in tflops_raw.items()}
-    for dtype in REQUIRED_DTYPES:
-        if dtype not in tflops:
-            raise ClusterSpecError(f"{source}: gemm_tflops.{dtype}: required key is missing")
-    curves: dict[str, tuple[tuple[float, float], ...]] = {}
-    for dtype, points in (data.get("gemm_curve") or {}).items():
-        where = f"{source}: gemm_curve.{dtype}"
-        if not isinstance(points, Sequence) or not points:
-            raise ClusterSpecError(f"{where}: expected a list of [tokens, tflops] pairs")
-        pts = []
-        for i, pt in enumerate(points):
-            if not isinstance(pt, Sequence) or len(pt) != 2:
-                raise ClusterSpecError(f"{where}[{i}]: expected [tokens, tflops]")
-            pts.append((_number(f"{where}[{i}][0]", pt[0]), _number(f"{where}[{i}][1]", pt[1])))
-        curves[str(dtype)] = tuple(sorted(pts))
-    links: list[LinkSpec] = []
-    seen: set[frozenset[str]] = set()
-    for i, raw in enumerate(data.get("links") or []):
-        where = f"{source}: links[{i}]"
-        _check_keys(where, raw, _LINK_KEYS, ("a", "b", "gbps"))
-        a = _check_vertex(f"{where}.a", raw["a"], m)
-        b = _check_vertex(f"{where}.b", raw["b"], m)
-        if a == b or frozenset((a, b)) in seen:
-            raise ClusterSpecError(f"{where}: self loop or duplicate link {a}-{b} (use count)")
-        seen.add(frozenset((a, b)))
-        links.append(LinkSpec(
-            a=a, b=b, gbps=_number(f"{where}.gbps", raw["gbps"]),
-            count=_integer(f"{where}.count", raw.get("count", 1)),
-            latency_us=_number(f"{where}.latency_us", raw.get("latency_us", 0.0), False),
-            kind=str(raw.get("kind", "")),
-        ))
-    nics: list[NicSpec] = []
-    for i, raw in enumerate(data.get("nics") or []):
-        where = f"{source}: nics[{i}]"
-        _check_keys(where, raw, _NIC_KEYS, ("attach", "gbps"))
-        attach = _check_vertex(f"{where}.attach", raw["attach"], m)
-        if any(n.attach == attach for n in nics):
-            raise ClusterSpecError(f"{where}.attach: second NIC on {attach!r} (use count)")
-        nics.append(NicSpec(
-            attach=attach, gbps=_number(f"{where}.gbps", raw["gbps"]),
-            count=_integer(f"{where}.count", raw.get("count", 1)),
-            latency_us=_number(f"{where}.latency_us", raw.get("latency_us", 0.0), False),
-        ))
-    inter = data.get("inter_node") or {}
-    _check_keys(f"{source}: inter_node", inter, _INTER_KEYS, ())
-    switch = str(inter.get("switch", "net"))
-    if nodes > 1 and not nics:
-        raise ClusterSpecError(f"{source}: nics: a cluster with {nodes} nodes needs a NIC")
-    duplex = str(data.get("duplex", "full"))
-    if duplex not in DUPLEX_MODES:
-        raise ClusterSpecError(f"{source}: duplex: {duplex!r} is not one of {list(DUPLEX_MODES)}")
-    if m > 1 and not links:
-        raise ClusterSpecError(f"{source}: links: {m} workers per node need intra-node links")
-    return ClusterSpec(
-        name=str(data["name"]), nodes=nodes, workers_per_node=m, gemm_tflops=tflops,
-        links=tuple(links), nics=tuple(nics), inter_switch=switch, gemm_curve=curves,
-        description=str(data.get("description", "")), duplex=duplex,
-    )
-
-
-def load_cluster(name_or_path: str | Path) -> ClusterSpec:
-    """Load a cluster YAML: a path, or a bare name looked up in ``configs/clusters/``."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = CLUSTER_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise ClusterSpecError(f"{name_or_path}: cluster file not found (looked at {path})")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
-    return cluster_spec_from_dict(data, source=path.name)
 
 
 # --------------------------------------------------------------------------------------
@@ -348,6 +138,7 @@ class Topology:
         for ln in self.links:
             self._adj[ln.src].append(ln)
         self._trees: dict[int, dict[str, tuple[DirectedLink, ...]]] = {}
+        self._orders: dict[int, tuple[int, ...]] = {}
         for w in range(self.num_workers):
             tree = self._paths_from(w)
             missing = [d for d in range(self.num_workers) if self.worker_vertex(d) not in tree]
@@ -514,11 +305,18 @@ class Topology:
         Greedy: seed each group with the lowest unassigned worker, then repeatedly add the
         unassigned worker whose farthest distance to the group is smallest (ties: wider
         bottleneck, then lower index). Same-switch / same-node workers end up together.
+        Memoized per group size (the model asks for it on every prediction).
         """
         n = self.num_workers
         if group_size < 1 or n % group_size:
             raise ValueError(f"group_size {group_size} must divide the {n} workers")
-        left = list(range(n))
+        if group_size not in self._orders:
+            self._orders[group_size] = tuple(self._greedy_order(group_size))
+        return list(self._orders[group_size])
+
+    def _greedy_order(self, group_size: int) -> list[int]:
+        """The greedy grouping of :meth:`group_order` (uncached)."""
+        left = list(range(self.num_workers))
         order: list[int] = []
         while left:
             group = [left.pop(0)]
@@ -544,3 +342,55 @@ def build_topology(spec_or_name: ClusterSpec | str | Path) -> Topology:
     topo = Topology(spec)
     logger.debug("built %r", topo)
     return topo
+
+
+def is_stand_in(topology: Topology) -> bool:
+    """True for the one-switch stand-in of :func:`ep_topology` (not a real cluster graph)."""
+    return any(ln.kind == STAND_IN_KIND for ln in topology.spec.links)
+
+
+@functools.lru_cache(maxsize=None)
+def ep_topology(cluster: str | Path, num_workers: int) -> Topology:
+    """The topology the performance model uses for an expert-parallel group of W workers.
+
+    The one mapping used by the layer, ``--describe``, the roofline and the benchmark:
+
+    - the cluster file's own topology when it has exactly W workers (EP rank w = worker w);
+    - when W is a multiple of the workers per node M and at most the cluster's size, the
+      first W / M nodes of the cluster (an EP group of consecutive ranks fills whole nodes);
+    - otherwise a stand-in: one switch ``sw`` with W workers attached by links of the
+      cluster's W_net and the cluster's GEMM throughput (a warning says so;
+      :func:`is_stand_in` tells it apart).
+
+    Cached per (cluster, W); a missing cluster raises :class:`ClusterNotFoundError`. A
+    calibration made on another machine is logged as a warning (:func:`calibration_note`).
+    """
+    spec = load_cluster(cluster)
+    note = calibration_note(spec)
+    if note:
+        logger.warning("%s", note)
+    if num_workers < 1:
+        raise ValueError(f"an expert-parallel group has at least 1 worker, got {num_workers}")
+    m = spec.workers_per_node
+    if spec.num_workers == num_workers:
+        return Topology(spec)
+    if num_workers % m == 0 and num_workers // m <= spec.nodes:
+        logger.info("expert-parallel group of %d workers = %d of the %d nodes of %s",
+                    num_workers, num_workers // m, spec.nodes, spec.name)
+        return Topology(dataclasses.replace(spec, nodes=num_workers // m))
+    w_net = Topology(spec).net_bandwidth()
+    logger.warning(
+        "cluster %s has %d workers (%d x %d) but the expert-parallel group has %d: the "
+        "performance model uses %d workers on one switch with the cluster's W_net (%.3g Gbit/s) "
+        "and GEMM rates", spec.name, spec.num_workers, spec.nodes, m, num_workers, num_workers,
+        w_net / GBIT,
+    )
+    star = ClusterSpec(
+        name=f"{spec.name}-star{num_workers}", nodes=1, workers_per_node=num_workers,
+        gemm_tflops=dict(spec.gemm_tflops), gemm_curve=dict(spec.gemm_curve),
+        links=tuple(LinkSpec(a=f"w{i}", b="sw", gbps=w_net / GBIT, kind=STAND_IN_KIND)
+                    for i in range(num_workers)) if num_workers > 1 else (),
+        description=f"stand-in for {spec.name} with {num_workers} workers",
+        calibration=spec.calibration,
+    )
+    return Topology(star)

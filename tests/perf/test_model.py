@@ -14,6 +14,7 @@ from megatron_moe_ext.perf.roofline import (
     roofline_points,
 )
 from megatron_moe_ext.perf.topology import GBIT, Topology, cluster_spec_from_dict
+from tests.perf.test_topology import two_node_tree
 
 H, ALPHA, B = 250, 2.0, 4  # a token is H * B = 1000 bytes
 P = 1e12  # FLOP/s
@@ -35,16 +36,6 @@ def ring(n: int = 4) -> Topology:
         "name": "ring", "nodes": 1, "workers_per_node": n,
         "gemm_tflops": {"fp32": 1.0, "bf16": 1.0},
         "links": [{"a": f"w{i}", "b": f"w{(i + 1) % n}", "gbps": BW / GBIT} for i in range(n)],
-    }))
-
-
-def two_node_tree() -> Topology:
-    """2 nodes x 2 workers, 100 Gb/s to a PCIe switch, 50 Gb/s NIC on the switch."""
-    return Topology(cluster_spec_from_dict({
-        "name": "tree", "nodes": 2, "workers_per_node": 2,
-        "gemm_tflops": {"fp32": 1.0, "bf16": 1.0},
-        "links": [{"a": "w0", "b": "pcie0", "gbps": 100}, {"a": "w1", "b": "pcie0", "gbps": 100}],
-        "nics": [{"attach": "pcie0", "gbps": 50}],
     }))
 
 
@@ -83,7 +74,7 @@ def test_routing_matrix_from_expert_counts() -> None:
     placement = pm.default_placement(4, 2)
     assert list(placement) == [0, 0, 1, 1]
     assert pm.routing_matrix(counts, placement, 2).tolist() == [[3, 7], [11, 15]]
-    assert pm.expert_loads(counts).tolist() == [6, 8, 10, 12]
+    assert pm.worker_loads(pm.routing_matrix(counts, placement, 2)).tolist() == [14, 22]
 
 
 def test_sync_e2e_and_predict_layer() -> None:
@@ -242,3 +233,10 @@ def test_make_counts() -> None:
     z1, z2 = make_counts(4, 8, 1000, 2, zipf=1.5, seed=7), make_counts(4, 8, 1000, 2, 1.5, 7)
     assert (z1 == z2).all() and z1.sum(axis=1).tolist() == [2000] * 4
     assert z1.sum(axis=0).max() > 3 * z1.sum(axis=0).mean() / 2
+
+
+@pytest.mark.parametrize("g", [3, 8, 0])
+def test_group_size_must_divide_the_workers(g: int) -> None:
+    """No silent clamping: the model rejects a group size the plan would reject."""
+    with pytest.raises(ValueError, match="moe.fastermoe.group_size"):
+        pm.predict_layer(BALANCED, None, H, ALPHA, B, star(), schedule="smart", group_size=g)
