@@ -52,7 +52,8 @@ class _AllToAll(torch.autograd.Function):
                 None, None)
 
 
-def split_sizes(rows: Sequence[Sequence[int]], rank: int) -> tuple[list[int], list[int], list[list[int]]]:
+def split_sizes(rows: Sequence[Sequence[int]],
+                rank: int) -> tuple[list[int], list[int], list[list[int]]]:
     """(input splits [W], output splits [W], received counts [W][E_l]) of ``rank``.
 
     ``rows`` is the [W, E] count matrix (rows[s][e]: tokens worker s sends to expert e).

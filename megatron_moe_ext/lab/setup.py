@@ -10,7 +10,6 @@ D      time dilation: lab seconds per cluster second
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Callable, Optional, Sequence
@@ -19,12 +18,13 @@ import numpy as np
 
 from ..core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
-from ..perf.topology import ClusterSpec, ClusterSpecError, Topology, load_cluster
+from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "EMULATION_CLUSTER_ENV", "EMULATION_SCALE_ENV", "SHADOW_POLICIES", "emulator_scale",
+    "EMULATION_CLUSTER_ENV", "EMULATION_CLUSTER_FILE_ENV", "EMULATION_SCALE_ENV",
+    "SHADOW_POLICIES", "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
     "predict",
 ]
@@ -34,6 +34,8 @@ EMULATION_SCALE_ENV = "MMX_EMULATION_SCALE"
 the factor applied to every link bandwidth."""
 EMULATION_CLUSTER_ENV = "MMX_EMULATION_CLUSTER"
 """Set by the cluster emulator: the emulated cluster's name (a file of configs/clusters/)."""
+EMULATION_CLUSTER_FILE_ENV = "MMX_EMULATION_CLUSTER_FILE"
+"""Set by the cluster emulator when it knows the YAML it emulates (takes precedence)."""
 
 SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
 """Accepted shadow policies (``moe.fastermoe.shadow.policy``)."""
@@ -53,7 +55,8 @@ def emulator_scale() -> Optional[float]:
 def default_cluster(fallback: str) -> str:
     """The emulated cluster under the emulator (so accelerators, prediction and shadow
     policies use its numbers), else ``fallback``."""
-    return os.environ.get(EMULATION_CLUSTER_ENV) or fallback
+    return (os.environ.get(EMULATION_CLUSTER_FILE_ENV) or os.environ.get(EMULATION_CLUSTER_ENV)
+            or fallback)
 
 
 def resolve_dilation(value: str | float) -> tuple[float, str]:
@@ -76,26 +79,26 @@ def resolve_dilation(value: str | float) -> tuple[float, str]:
     return d, "given"
 
 
-def lab_topology(cluster: str | ClusterSpec, num_workers: int,
+def lab_topology(cluster: str, num_workers: int,
                  workers_per_node: Optional[int] = None) -> Topology:
-    """The cluster's topology with as many nodes as ``num_workers`` fill.
+    """The model's topology for W workers (:func:`perf.topology.ep_topology`: the cluster, or
+    its first W / M nodes), never the one-switch stand-in: the lab emulates real layouts.
 
-    The cluster's own node layout is kept (M workers per node); with ``num_workers`` = n M the
-    topology has n nodes. ``workers_per_node`` (e.g. torchrun's LOCAL_WORLD_SIZE under the
-    emulator) must then equal M, so that emulated nodes and modelled nodes coincide.
+    ``workers_per_node`` (torchrun's LOCAL_WORLD_SIZE under the emulator) must equal the
+    cluster's M, so that emulated nodes and modelled nodes coincide.
     """
-    spec = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    spec = load_cluster(cluster)
     m = spec.workers_per_node
     if workers_per_node is not None and workers_per_node != m:
         raise ClusterSpecError(
             f"{spec.name}: the run has {workers_per_node} workers per node, the cluster {m}; "
-            "the lab needs the cluster's layout (emulate_cluster.py --workers-per-node "
-            f"{m})")
-    if num_workers % m:
-        raise ClusterSpecError(f"{spec.name}: {num_workers} workers do not fill nodes of {m}")
-    if num_workers // m != spec.nodes:
-        spec = dataclasses.replace(spec, nodes=num_workers // m)
-    return Topology(spec)
+            f"the lab needs the cluster's layout (emulate_cluster.py --workers-per-node {m})")
+    topo = ep_topology(cluster, num_workers)
+    if is_stand_in(topo):
+        raise ClusterSpecError(
+            f"{spec.name}: {num_workers} workers are not whole nodes of {m} within its "
+            f"{spec.nodes} nodes; the lab runs only real layouts of the cluster")
+    return topo
 
 
 def _zipf_row(total: int, num_experts: int, cap: int, skew: float,

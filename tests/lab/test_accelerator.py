@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,11 +98,13 @@ def test_dilation_auto_reads_the_emulator_scale(monkeypatch):
 
 
 def test_lab_topology_keeps_the_node_layout():
-    spec = cluster_spec_from_dict(SPEC)
-    assert lab_topology(spec, 6).nodes == 3
+    lab2x2 = str(Path(__file__).with_name("lab2x2.yaml"))
+    assert lab_topology(lab2x2, 2).nodes == 1 and lab_topology(lab2x2, 4).nodes == 2
     with pytest.raises(ValueError, match="workers per node"):
-        lab_topology(spec, 4, workers_per_node=4)
-    with pytest.raises(ValueError, match="do not fill"):
-        lab_topology(spec, 3)
+        lab_topology(lab2x2, 4, workers_per_node=4)
+    with pytest.raises(ValueError, match="not whole nodes"):
+        lab_topology(lab2x2, 3)
+    with pytest.raises(ValueError, match="not whole nodes"):
+        lab_topology(lab2x2, 8)
     johnny = lab_topology("johnny", 16)
     assert johnny.num_workers == 16 and np.isclose(johnny.gemm_flops("fp32"), 11.5e12)

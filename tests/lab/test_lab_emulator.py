@@ -62,7 +62,7 @@ def test_ci_case_two_namespaces_four_workers(tmp_path):
     r = json.loads(out.read_text())
     assert r["cluster"]["name"] == "lab2x2" and r["cluster"]["workers"] == 4
     assert r["dilation"] == pytest.approx(20.0)  # auto: 1 / the emulator's scale 0.05
-    assert r["lab"]["emulator_scale"] == "0.05"
+    assert r["lab"]["emulator_scale"] == 0.05
     for impl in ("megatron", "fastermoe"):
         v = r["impls"][impl]
         assert v["fwd_bwd_s"] > 0 and v["predicted_fwd_bwd_s"] > 0
