@@ -8,7 +8,7 @@ s      emulator link scale; D = 1 / s the dilation of compute (so links and comp
 floor  the same plan with compute zero and links unlimited: the box's own cost per call
 
 Per cluster: the plan runs twice in one torchrun each (:mod:`.suite`): the floor (emulator with
-no intra-node limit and NIC x 1000, compute zero) and the emulated run (scale s, D = 1/s). A
+no intra-node limit and NIC x FLOOR_SCALE, compute zero) and the emulated run (scale s, D = 1/s). A
 configuration is *valid* when its floor is under 10 % of its emulated layer time.
 """
 
@@ -31,6 +31,9 @@ __all__ = ["LAYERS", "build_plan", "run_plan", "collect", "write_section", "FLOO
 FLOOR_LIMIT = 0.10
 """A configuration is quoted only when floor / emulated layer time is below this."""
 
+FLOOR_SCALE = 10.0
+"""Link scale of the floor runs (johnny's NIC at 500 Gbit/s; tbf takes up to ~2^32 kbit/s)."""
+
 LAYERS = {  # paper Table 2: H, F = alpha H (alpha 2), E, top-2, 4096 tokens per GPU
     "MoE-GPT-S": dict(hidden=1024, ffn=2048, experts=16, cluster="johnny"),
     "MoE-GPT": dict(hidden=2048, ffn=4096, experts=16, cluster="johnny"),
@@ -41,6 +44,13 @@ LAYERS = {  # paper Table 2: H, F = alpha H (alpha 2), E, top-2, 4096 tokens per
 PAPER_TOKENS = 4096
 
 
+def layer_tokens(tokens: int, hidden: int) -> int:
+    """Tokens per worker of a layer for ``tokens`` given at H = 1024: scaled by 1024 / H, so
+    every layer's messages have the same bytes (the floor is mostly bytes; R_CC does not depend
+    on tokens)."""
+    return max(1, tokens * 1024 // hidden)
+
+
 def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, warmup: int = 1,
                group_sizes=(1, 2, 4, 8), skew: float = 1.0) -> list[dict]:
     """Lab configs for ``layers`` (all on one cluster): balanced with sync and smart g, and
@@ -48,7 +58,8 @@ def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, wa
     entries = []
     for name in layers:
         lay = LAYERS[name]
-        base = dict(cluster=lay["cluster"], tokens=tokens, hidden=lay["hidden"],
+        base = dict(cluster=lay["cluster"], tokens=layer_tokens(tokens, lay["hidden"]),
+                    hidden=lay["hidden"],
                     ffn=lay["ffn"], experts=lay["experts"], topk=2, iters=iters,
                     warmup=warmup, dilation="auto")
         tag = name.lower().replace("-", "_")
@@ -66,7 +77,8 @@ def run_plan(entries: list[dict], cluster: str, nodes: int, workers_per_node: in
              scale: float, floor: bool, plan_path: Path, timeout: float) -> int:
     """Run the plan in one torchrun per node under the emulator; returns its exit code.
 
-    ``floor``: compute zero, no intra-node limit and the NIC at 1000x (links unlimited).
+    ``floor``: compute zero, no intra-node limit and the NIC at :data:`FLOOR_SCALE` x its rate
+    (far above what the box moves: links unlimited).
     """
     from ..emulation.netns import EmulatedCluster
     from ..perf.topology import load_cluster
@@ -78,7 +90,7 @@ def run_plan(entries: list[dict], cluster: str, nodes: int, workers_per_node: in
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(entries, indent=1))
     spec = load_cluster(cluster)
-    with EmulatedCluster(spec, 1000.0 if floor else scale, nodes, workers_per_node,
+    with EmulatedCluster(spec, FLOOR_SCALE if floor else scale, nodes, workers_per_node,
                          intra_limit=not floor, intra_bus="aggregate") as cl:
         logger.info("%s", cl.describe())
         return cl.run(["-m", "megatron_moe_ext.lab.suite", str(plan_path)], timeout=timeout,
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cluster", required=True, help="johnny or trevor (or a YAML)")
     p.add_argument("--layers", required=True, help=f"comma list of {', '.join(LAYERS)}")
     p.add_argument("--tokens", type=int, required=True,
-                   help=f"tokens per worker (the paper's {PAPER_TOKENS}, scaled down)")
+                   help=f"tokens per worker at H=1024 (the paper's {PAPER_TOKENS}, scaled "
+                        "down); layers with a larger H get tokens x 1024 / H")
     p.add_argument("--scale", type=float, required=True, help="emulator link scale s (D = 1/s)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect(entries)
         png = plot(rows, Path(args.doc).parent / f"lab_{spec.name}.png") if rows else None
         notes = [f"- {spec.name} {spec.nodes}x{spec.workers_per_node}, layers {', '.join(layers)}"
-                 f"; {args.tokens} tokens per worker instead of the paper's {PAPER_TOKENS} "
+                 f"; {args.tokens} x 1024 / H tokens per worker instead of the paper's {PAPER_TOKENS} "
                  "(compute and token traffic are both linear in tokens, so R_CC is unchanged; "
                  "shadow broadcasts are not, so shadowing pays less than at 4096); emulator "
                  f"scale {args.scale:g}, D = {1 / args.scale:g}; intra-node bus 'aggregate'."]
