@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.emulation.test_netns import _REASON, _netns, _ours
+from tests.emulation.test_netns import _REASON, _netns
 from tests.helpers import REPO
 
 CLI = REPO / "scripts" / "emulate_cluster.py"
@@ -22,14 +22,28 @@ CLUSTER = Path(__file__).with_name("lab2x2.yaml")
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=f"netns emulation: {_REASON}")
 
 
-def _emulate(args: list[str], lab: list[str], timeout: float = 240):
+class _Done:
+    """Result of one emulator run: exit code, output and the emulator's pid."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str, pid: int) -> None:
+        self.returncode, self.stdout, self.stderr, self.pid = returncode, stdout, stderr, pid
+
+    def leftovers(self) -> set[str]:
+        """Namespaces of this run still present (names carry the emulator's pid)."""
+        return {n for n in _netns() if n.startswith(f"mmx-{self.pid}-")
+                or n.startswith(f"mmx-{self.pid}.")}
+
+
+def _emulate(args: list[str], lab: list[str], timeout: float = 240) -> _Done:
     import subprocess
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(CLI), "--cluster", str(CLUSTER), "--nodes", "2",
          "--workers-per-node", "2", *args, "--", "-m", "megatron_moe_ext.lab", *lab],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    return _Done(proc.returncode, out, err, proc.pid)
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -52,13 +66,12 @@ SMALL = ["--experts", "4", "--tokens", "256", "--hidden", "128", "--ffn", "256",
 
 @needs_netns
 def test_ci_case_two_namespaces_four_workers(tmp_path):
-    before = _ours(_netns())
     out = tmp_path / "lab.json"
     proc = _emulate(["--scale", "0.05", "--timeout", "200"],
                     [*SMALL, "--cluster", str(CLUSTER), "--iters", "3", "--warmup", "1",
                      "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert _ours(_netns()) == before
+    assert proc.leftovers() == set()
     r = json.loads(out.read_text())
     assert r["cluster"]["name"] == "lab2x2" and r["cluster"]["workers"] == 4
     assert r["dilation"] == pytest.approx(20.0)  # auto: 1 / the emulator's scale 0.05
@@ -74,7 +87,6 @@ def test_ci_case_two_namespaces_four_workers(tmp_path):
 @needs_netns
 @pytest.mark.parametrize("how", ["timeout", "error"])
 def test_failing_emulated_run_leaves_nothing_behind(tmp_path, how):
-    before = _ours(_netns())
     marker = str(tmp_path / f"marker_{how}.json")
     if how == "timeout":  # stopped mid-run by the emulator
         proc = _emulate(["--scale", "0.05", "--timeout", "12", "--grace", "5"],
@@ -89,5 +101,5 @@ def test_failing_emulated_run_leaves_nothing_behind(tmp_path, how):
     while _processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_with(marker) == []
-    assert _ours(_netns()) == before
+    assert proc.leftovers() == set() and "torn down" in proc.stdout
     assert not Path(marker).exists()
