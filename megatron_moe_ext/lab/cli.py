@@ -54,6 +54,9 @@ def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> N
     p.add_argument("--floor", action="store_true",
                    help="lab floor: emulated compute takes zero time (run with unlimited "
                         "links, i.e. outside the emulator)")
+    p.add_argument("--measure-floor", action="store_true",
+                   help="also time each implementation with compute zero in the same "
+                        "iterations (the lab's own cost when links are unlimited)")
     p.add_argument("--vary-routing", action="store_true",
                    help="with --skew: the hot experts change from iteration to iteration")
     p.add_argument("--record", action="store_true",

@@ -44,6 +44,8 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
             "fwd_s_iters": fwd, "bwd_s_iters": bwd}
     if "megatron_balanced" in res["impls"]:
         res["megatron_balanced"] = res["impls"].pop("megatron_balanced")
+    floors = {k[len("floor_"):]: res["impls"].pop(k)["fwd_bwd_s"]
+              for k in list(res["impls"]) if k.startswith("floor_")}
     distinct = []
     for sh in shadow_sets:
         if sh not in distinct:
@@ -84,8 +86,15 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
         "emulator_scale": emulator_scale(),
         "sleep_requested_s": sleep_req, "sleep_actual_s": sleep_act,
         "oversleep_fraction": (sleep_act - sleep_req) / sleep_req if sleep_req > 0 else None,
-        "note": "the lab's own cost per layer call is the floor run (--floor, links unlimited): "
-                "compare its fwd_bwd_s with this run's (docs/emulation.md, the lab)"}
+        "note": "the lab's own cost per layer call is the floor (compute zero, links "
+                "unlimited: --floor or --measure-floor outside the emulator); docs/emulation.md"}
+    if floors:
+        res["lab"]["floor"] = {
+            name: {"fwd_bwd_s": f, "fraction": f / imp[name]["fwd_bwd_s"]}
+            for name, f in floors.items() if name in imp}
+        res["lab"]["floor_links"] = ("limited (emulator): compute-free time on the emulated "
+                                     "links, not the box floor" if emulator_scale() is not None
+                                     else "unlimited (loopback): the box's own cost")
     res["cluster"] = {"name": topo.spec.name, "file": cfg.cluster, "workers": world,
                       "workers_per_node": topo.workers_per_node, "nodes": topo.nodes}
     res["config"] = dict(asdict(cfg), world_size=world, local_world_size=local_world)
@@ -122,6 +131,9 @@ def format_table(r: dict) -> str:
         lines.append("shadows: " + ", ".join(f"{s} x{n}" for s, n in
                                              zip(r["shadows"], r["shadow_set_counts"])))
     lab = r["lab"]
+    for name, f in (lab.get("floor") or {}).items():
+        lines.append(f"floor {name}: {f['fwd_bwd_s'] * 1e3:.1f} ms = {f['fraction'] * 100:.1f} % "
+                     f"of its emulated time ({lab['floor_links']})")
     if lab["oversleep_fraction"] is not None:
         lines.append(f"emulated compute: requested {lab['sleep_requested_s']:.3f} s, slept "
                      f"{lab['sleep_actual_s']:.3f} s (+{lab['oversleep_fraction'] * 100:.1f} %)")

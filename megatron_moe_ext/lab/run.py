@@ -106,6 +106,10 @@ class LabConfig:
     """'auto' (1 / emulator link scale under the emulator, else 1) or a factor D."""
     floor: bool = False
     """Compute zero (D = 0): with unlimited links this measures the box's own cost."""
+    measure_floor: bool = False
+    """Also time every implementation with compute zero in the same iterations (reported as
+    ``lab.floor``): the box's own cost when links are unlimited (no emulator), else the
+    compute-free time on the emulated links."""
     seed: int = 1234
     """Seed of the routing (and of the real expert's weights)."""
     json: Optional[str] = None
@@ -129,8 +133,10 @@ class LabConfig:
                              "--group-size, --topk must be >= 1 and --warmup >= 0")
         if self.skew < 0:
             raise ValueError(f"--skew must be >= 0, got {self.skew}")
-        if self.floor and self.compute != "emulated":
-            raise ValueError("--floor needs --compute emulated")
+        if (self.floor or self.measure_floor) and self.compute != "emulated":
+            raise ValueError("--floor / --measure-floor need --compute emulated")
+        if self.floor and self.measure_floor:
+            raise ValueError("--floor and --measure-floor exclude each other")
         resolve_dilation(self.dilation)
 
 
@@ -295,6 +301,8 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
     runs = list(impls)
     if cfg.skew > 0 and "megatron" in impls:
         runs.append("megatron_balanced")
+    if cfg.measure_floor:
+        runs += [f"floor_{name}" for name in impls]
     logger.info("lab: %s W=%d (%d per node), T=%d, H=%d, F=%d, E=%d, top-%d, skew=%g%s, g=%d, "
                 "shadow=%s, %s, compute=%s, D=%g (%s)", topo.spec.name, world, local_world,
                 cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, cfg.skew,
@@ -318,7 +326,9 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
         bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
         for name in (runs if it % 2 == 0 else runs[::-1]):
             r = bal if name == "megatron_balanced" else rows
-            fn = layer.fastermoe if name == "fastermoe" else layer.megatron
+            fn = layer.fastermoe if name.endswith("fastermoe") else layer.megatron
+            if cfg.measure_floor:
+                accel.dilation = 0.0 if name.startswith("floor_") else dil
             x = x0.detach().requires_grad_(True)
             p = p0.detach().requires_grad_(True)
             accel.stats.reset()
@@ -334,6 +344,8 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                 continue
             times.setdefault(f"{name}.fwd", []).append(t1 - t0)
             times.setdefault(f"{name}.bwd", []).append(t3 - t2)
+            if name.startswith("floor_"):
+                continue
             sleep_req += accel.stats.requested_s
             sleep_act += accel.stats.actual_s
             if name == "fastermoe":
