@@ -54,6 +54,10 @@ def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> N
     p.add_argument("--floor", action="store_true",
                    help="lab floor: emulated compute takes zero time (run with unlimited "
                         "links, i.e. outside the emulator)")
+    p.add_argument("--routing", choices=["exact", "scores"], default="exact",
+                   help="exact Zipf counts, or top-k of per-token router scores")
+    p.add_argument("--gate", action="store_true",
+                   help="with --routing scores: the topology-aware gate caps off-node copies")
     p.add_argument("--measure-floor", action="store_true",
                    help="also time each implementation with compute zero in the same "
                         "iterations (the lab's own cost when links are unlimited)")

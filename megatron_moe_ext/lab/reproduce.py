@@ -52,7 +52,7 @@ def layer_tokens(tokens: int, hidden: int) -> int:
 
 
 def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, warmup: int = 1,
-               group_sizes=(1, 2, 4, 8), skew: float = 1.0) -> list[dict]:
+               group_sizes=(1, 2, 4, 8), skew: float = 1.0, gate: bool = True) -> list[dict]:
     """Lab configs for ``layers`` (all on one cluster): balanced with sync and smart g, and
     skewed (Zipf ``skew``, changing per iteration) with smart alone and the shadow policies."""
     entries = []
@@ -70,6 +70,12 @@ def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, wa
             entries.append(dict(base, impl="both" if shadow == "never" else "fastermoe",
                                 group_size=2, skew=skew, vary_routing=True, shadow=shadow,
                                 json=str(out_dir / f"{tag}_skew_{shadow}.json")))
+        if gate:  # both (model shadows, g=2) on router-score routing, without / with the gate
+            for gated in (False, True):
+                name = f"{tag}_scores_{'gate' if gated else 'nogate'}.json"
+                entries.append(dict(base, impl="fastermoe" if gated else "both", group_size=2,
+                                    skew=skew, vary_routing=True, shadow="model",
+                                    routing="scores", gate=gated, json=str(out_dir / name)))
     return entries
 
 
@@ -116,7 +122,8 @@ def collect(entries: list[dict]) -> list[dict]:
             rows.append(dict(
                 config=path.stem, impl=impl, cluster=r["cluster"]["name"],
                 workers=r["cluster"]["workers"], group_size=e.get("group_size", 1),
-                skew=e.get("skew", 0.0), shadow=e.get("shadow", "never") if impl ==
+                skew=e.get("skew", 0.0), routing=e.get("routing", "exact"),
+                gate=e.get("gate", False), shadow=e.get("shadow", "never") if impl ==
                 "fastermoe" else "never", shadows=r["shadows"] if impl == "fastermoe" else [],
                 lab_s=v["fwd_bwd_s"], cluster_s=v["cluster_fwd_bwd_s"],
                 predicted_s=v["predicted_fwd_bwd_s"], floor_s=floor_s,
@@ -137,14 +144,16 @@ def r_squared(pred: list[float], meas: list[float]) -> Optional[float]:
 
 def _speedups(rows: list[dict]) -> list[dict]:
     """Measured and predicted speedup of every FasterMoE row over its routing's sync row."""
-    sync = {(r["cluster"], r["config"].split("_bal")[0].split("_skew")[0], r["skew"]): r
-            for r in rows if r["impl"] == "megatron"}
+    def key(r: dict) -> tuple:
+        layer = r["config"].split("_bal")[0].split("_skew")[0].split("_scores")[0]
+        return (r["cluster"], layer, r["skew"], r["routing"])
+
+    sync = {key(r): r for r in rows if r["impl"] == "megatron"}
     out = []
     for r in rows:
         if r["impl"] != "fastermoe":
             continue
-        key = (r["cluster"], r["config"].split("_bal")[0].split("_skew")[0], r["skew"])
-        s = sync.get(key)
+        s = sync.get(key(r))
         if s is None:
             continue
         out.append(dict(r, measured_speedup=s["cluster_s"] / r["cluster_s"],
@@ -202,7 +211,8 @@ def write_section(doc: Path, rows: list[dict], command: str, notes: list[str],
         lines.append(
             f"| {r['config']} | {r['impl']} | {r['workers']} | "
             f"{r['group_size'] if r['impl'] == 'fastermoe' else '-'} | "
-            f"{' '.join(str(x) for x in r['shadows'] if x) or '-'} | {r['lab_s']:.2f} | {r['cluster_s'] * 1e3:.1f} | "
+            f"{' '.join(str(x) for x in r['shadows'] if x) or '-'} | {r['lab_s']:.2f} | "
+            f"{r['cluster_s'] * 1e3:.1f} | "
             f"{r['predicted_s'] * 1e3:.1f} | {r['cluster_s'] / r['predicted_s']:.2f} | "
             f"{'-' if ff is None else f'{ff * 100:.1f}'} | {r['load']:.1f}-{r['load_end']:.1f} |")
     lines += ["", "Speedups over sync EP on the same routing (measured / predicted; *valid* = "
@@ -254,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--group-sizes", default="1,2,4,8")
     p.add_argument("--skew", type=float, default=1.0)
+    p.add_argument("--no-gate", action="store_true", help="leave out the gate configurations")
     p.add_argument("--out", default="runs/lab/repro")
     p.add_argument("--doc", default="docs/reproduction.md")
     p.add_argument("--timeout", type=float, default=1800)
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_cluster(args.cluster)
     out = Path(args.out) / spec.name
     gs = tuple(int(g) for g in args.group_sizes.split(","))
-    entries = build_plan(layers, args.tokens, out, args.iters, args.warmup, gs, args.skew)
+    entries = build_plan(layers, args.tokens, out, args.iters, args.warmup, gs, args.skew,
+                         not args.no_gate)
     entries = [dict(e, cluster=args.cluster) for e in entries]
     steps = set(args.steps.split(","))
     rc = 0
@@ -281,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = collect(entries)
         png = plot(rows, Path(args.doc).parent / f"lab_{spec.name}.png") if rows else None
         notes = [f"- {spec.name} {spec.nodes}x{spec.workers_per_node}, layers {', '.join(layers)}"
-                 f"; {args.tokens} x 1024 / H tokens per worker instead of the paper's {PAPER_TOKENS} "
+                 f"; {args.tokens} x 1024 / H tokens per worker instead of the paper's "
+                 f"{PAPER_TOKENS} "
                  "(compute and token traffic are both linear in tokens, so R_CC is unchanged; "
                  "shadow broadcasts are not, so shadowing pays less than at 4096); emulator "
                  f"scale {args.scale:g}, D = {1 / args.scale:g}; intra-node bus 'aggregate'."]

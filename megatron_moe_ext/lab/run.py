@@ -51,6 +51,7 @@ from .setup import (
     lab_topology,
     predict,
     resolve_dilation,
+    score_counts,
     select_shadows,
 )
 
@@ -88,6 +89,12 @@ class LabConfig:
     """Zipf exponent over experts (0: exactly balanced)."""
     vary_routing: bool = False
     """With skew > 0: the hot experts change from iteration to iteration."""
+    routing: str = "exact"
+    """exact: counts laid out exactly by the Zipf law (:func:`.setup.lab_counts`); scores:
+    top-k of per-token router scores (:func:`.setup.score_counts`)."""
+    gate: bool = False
+    """With routing=scores: the topology-aware gate (core.gate.cap_offnode) caps off-node
+    copies (both implementations see the gated routing)."""
     shadow: str = "never"
     """Shadow policy: never, predictor, model, top_k."""
     shadow_max_experts: int = 1
@@ -131,6 +138,10 @@ class LabConfig:
                self.group_size, self.topk) < 1 or self.warmup < 0:
             raise ValueError("--tokens, --hidden, --ffn, --experts, --iters, --world-size, "
                              "--group-size, --topk must be >= 1 and --warmup >= 0")
+        if self.routing not in ("exact", "scores"):
+            raise ValueError(f"--routing {self.routing!r}: expected exact or scores")
+        if self.gate and self.routing != "scores":
+            raise ValueError("--gate needs --routing scores (the gate acts on router scores)")
         if self.skew < 0:
             raise ValueError(f"--skew must be >= 0, got {self.skew}")
         if (self.floor or self.measure_floor) and self.compute != "emulated":
@@ -249,7 +260,7 @@ class _Layer:
         return split.merge(y_rest, y_blocks)
 
 
-def _alone_alltoall(layer: _Layer, row: np.ndarray, rows: np.ndarray, x: torch.Tensor) -> float:
+def _alone_alltoall(layer: _Layer, rows: np.ndarray, x: torch.Tensor) -> float:
     """One all_to_all_single of the routed tokens alone (the overlap bound's A)."""
     e_l, rank = layer.e_l, layer.rank
     ins = [int(rows[rank, w * e_l:(w + 1) * e_l].sum()) for w in range(layer.world)]
@@ -303,10 +314,11 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
         runs.append("megatron_balanced")
     if cfg.measure_floor:
         runs += [f"floor_{name}" for name in impls]
-    logger.info("lab: %s W=%d (%d per node), T=%d, H=%d, F=%d, E=%d, top-%d, skew=%g%s, g=%d, "
-                "shadow=%s, %s, compute=%s, D=%g (%s)", topo.spec.name, world, local_world,
-                cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, cfg.skew,
-                " (varying)" if cfg.vary_routing else "", cfg.group_size, cfg.shadow, cfg.dtype,
+    logger.info("lab: %s W=%d (%d per node), T=%d, H=%d, F=%d, E=%d, top-%d, skew=%g%s, %s "
+                "routing%s, g=%d, shadow=%s, %s, compute=%s, D=%g (%s)", topo.spec.name, world,
+                local_world, cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, cfg.skew,
+                " (varying)" if cfg.vary_routing else "", cfg.routing,
+                " + topology gate" if cfg.gate else "", cfg.group_size, cfg.shadow, cfg.dtype,
                 cfg.compute, dil, dil_source)
 
     n_rows = cfg.tokens * cfg.topk
@@ -321,16 +333,21 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
     gc.disable()
     for it in range(cfg.warmup + cfg.iters):
         timed = it >= cfg.warmup
-        rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed, it,
-                          cfg.vary_routing)
+        if cfg.routing == "scores":
+            rows = score_counts(topo, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
+                                it, cfg.vary_routing, cfg.gate)
+        else:
+            rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
+                              it, cfg.vary_routing)
         bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
         for name in (runs if it % 2 == 0 else runs[::-1]):
             r = bal if name == "megatron_balanced" else rows
             fn = layer.fastermoe if name.endswith("fastermoe") else layer.megatron
             if cfg.measure_floor:
                 accel.dilation = 0.0 if name.startswith("floor_") else dil
-            x = x0.detach().requires_grad_(True)
-            p = p0.detach().requires_grad_(True)
+            n = int(r[rank].sum())  # the gate may drop copies
+            x = x0[:n].detach().requires_grad_(True)
+            p = p0[:n].detach().requires_grad_(True)
             accel.stats.reset()
             dist.barrier(group=group)
             t0 = time.perf_counter()
@@ -338,7 +355,7 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
             t1 = time.perf_counter()
             dist.barrier(group=group)
             t2 = time.perf_counter()
-            y.backward(gy)
+            y.backward(gy[:n])
             t3 = time.perf_counter()
             if not timed:
                 continue
@@ -369,7 +386,7 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                     r, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
                     min(cfg.group_size, world) if sched == "smart" else 1, sh).total_s)
         if timed:
-            alone_a2a.append(_alone_alltoall(layer, rows[rank], rows, x0))
+            alone_a2a.append(_alone_alltoall(layer, rows, x0[:int(rows[rank].sum())]))
             b_rank = int(rows[:, rank * e_l:(rank + 1) * e_l].sum())
             comp_fwd.append(accel.forward_seconds(b_rank) if cfg.compute == "emulated" else 0.0)
         gc.collect()

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..core.gate import cap_offnode, offnode_fraction, offnode_limit
 from ..core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
 from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
@@ -26,6 +27,7 @@ __all__ = [
     "EMULATION_CLUSTER_ENV", "EMULATION_CLUSTER_FILE_ENV", "EMULATION_SCALE_ENV",
     "SHADOW_POLICIES", "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
+    "gate_fraction", "score_counts",
     "predict",
 ]
 
@@ -147,6 +149,54 @@ def lab_counts(num_workers: int, num_experts: int, tokens: int, topk: int, skew:
         pop = popularity + jitter.uniform(-0.25, 0.25, num_experts)
         rows.append(_zipf_row(total, num_experts, tokens, skew, pop))
     return np.stack(rows)
+
+
+def gate_fraction(topology: Topology) -> float:
+    """f = W_net / (M W_local) of the topology-aware gate, by the rule of
+    ``megatron.router.cluster_offnode_fraction`` (W_net: a node's NICs summed; W_local: the
+    slowest bottleneck between two workers of a node); 1 on a single node."""
+    spec, m = topology.spec, topology.workers_per_node
+    if spec.nodes == 1 or not spec.nics:
+        return 1.0
+    if m == 1:
+        raise ValueError(f"{spec.name}: one worker per node, the gate's W_local is undefined")
+    w_net = sum(nic.bandwidth for nic in spec.nics)
+    w_local = min(min(ln.bandwidth for ln in topology.path(a, b))
+                  for a in range(m) for b in range(m) if a != b)
+    return offnode_fraction(w_net, w_local, m)
+
+
+def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, skew: float,
+                 seed: int, iteration: int = 0, vary: bool = False,
+                 gate: bool = False) -> np.ndarray:
+    """Counts [W, E] from per-token router scores, with or without the topology-aware gate.
+
+    Every worker's T tokens get scores = softmax(-skew log(rank_e + 1) + Gumbel noise) over
+    experts (popularity ranks as in :func:`lab_counts`); plain top-k, or
+    :func:`core.gate.cap_offnode` with L = floor(f T k) (the product's gate; dropped copies
+    are not counted). Identical on every rank (each rank draws every worker's scores).
+    """
+    import torch
+
+    w, m = topology.num_workers, topology.workers_per_node
+    if num_experts % w:
+        raise ValueError(f"E={num_experts} must be a multiple of W={w}")
+    rng = np.random.default_rng([seed, iteration if vary else 0])
+    popularity = rng.permutation(num_experts).astype(float)
+    expert_node = torch.as_tensor(np.arange(num_experts) // (num_experts // w) // m)
+    limit = offnode_limit(tokens * topk, gate_fraction(topology)) if gate else None
+    rows = []
+    for worker in range(w):
+        g = np.random.default_rng([seed, iteration if vary else 0, worker + 1, 7])
+        logits = -float(skew) * np.log(popularity + 1.0) + g.gumbel(size=(tokens, num_experts))
+        scores = torch.softmax(torch.as_tensor(logits), dim=1)
+        if gate:
+            idx = cap_offnode(scores, topk, expert_node, worker // m, limit).indices
+        else:
+            idx = torch.topk(scores, topk, dim=1).indices
+        idx = idx[idx >= 0]
+        rows.append(np.bincount(idx.numpy(), minlength=num_experts))
+    return np.stack(rows).astype(np.int64)
 
 
 def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype: str,

@@ -33,7 +33,7 @@ def test_aggregate_bus_reproduces_the_models_intra_node_all_to_all():
 
 def test_plan_is_valid_lab_configs_with_equal_message_bytes(tmp_path):
     entries = build_plan(["MoE-GPT-S", "MoE-GPT-L"], 512, tmp_path, group_sizes=(1, 2))
-    assert len(entries) == 2 * (2 + 3)
+    assert len(entries) == 2 * (2 + 3 + 2)
     for e in entries:
         LabConfig(**e).validate()
     assert {e["tokens"] * e["hidden"] for e in entries} == {512 * 1024}
@@ -50,7 +50,7 @@ def _result(path, impl_times, pred, load=1.0):
 
 
 def test_collect_and_section(tmp_path):
-    entries = build_plan(["MoE-GPT-S"], 512, tmp_path, group_sizes=(1,))
+    entries = build_plan(["MoE-GPT-S"], 512, tmp_path, group_sizes=(1,), gate=False)
     _result(tmp_path / "moe_gpt_s_bal_g1.json", {"megatron": 2.0, "fastermoe": 1.6},
             [0.019, 0.0165])
     _result(tmp_path / "moe_gpt_s_bal_g1_floor.json", {"megatron": 0.1, "fastermoe": 0.3},
