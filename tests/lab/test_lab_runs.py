@@ -70,13 +70,18 @@ def _run(tmp_path: Path, compute: str, **kw) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("shadow", ["model", "predictor"])
-def test_emulated_run_has_the_real_runs_plan_traffic_and_shadows(tmp_path, shadow):
+@pytest.mark.parametrize("shadow,routing", [("model", "exact"), ("predictor", "exact"),
+                                            ("model", "gate")])
+def test_emulated_run_has_the_real_runs_plan_traffic_and_shadows(tmp_path, shadow, routing):
     kw = dict(skew=1.5, vary_routing=True, group_size=2, shadow=shadow, impl="fastermoe")
+    if routing == "gate":  # router scores through the topology-aware gate
+        kw.update(routing="scores", gate=True)
     emu, real = _run(tmp_path, "emulated", **kw), _run(tmp_path, "real", **kw)
     assert emu["mode"] == "emulated" and real["mode"] == "real"
-    assert any(emu["shadows"])  # the skewed routing does make the policy shadow
-    assert emu["shadows"] == real["shadows"] and emu["shadow_set_counts"] == real["shadow_set_counts"]
+    if routing != "gate":  # (the gate keeps 7/8 of the copies on-node: nothing to shadow)
+        assert any(emu["shadows"])  # the skewed routing does make the policy shadow
+    assert emu["shadows"] == real["shadows"]
+    assert emu["shadow_set_counts"] == real["shadow_set_counts"]
     for r_emu, r_real in zip(emu["records"], real["records"]):  # per rank
         assert len(r_emu) == len(r_real) == 2
         for a, b in zip(r_emu, r_real):  # per iteration
