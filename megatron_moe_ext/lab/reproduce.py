@@ -79,6 +79,32 @@ def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, wa
     return entries
 
 
+def estimate_seconds(entries: list[dict], scale: float) -> float:
+    """Rough lab duration of a plan at ``scale``: the model's times x D x calls (shadows and
+    the floor not counted)."""
+    from .setup import lab_counts, lab_topology, predict
+
+    total = 0.0
+    for e in entries:
+        cfg = LabConfig(**e)
+        topo = lab_topology(cfg.cluster, _workers(cfg))
+        counts = lab_counts(topo.num_workers, cfg.experts, cfg.tokens, cfg.topk, cfg.skew,
+                            cfg.seed)
+        calls = cfg.iters + cfg.warmup
+        impls = [("smart", cfg.group_size)] + ([("sync", 1)] * (2 if cfg.skew else 1)
+                                                if cfg.impl == "both" else [])
+        for sched, g in impls:
+            total += calls * predict(counts, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
+                                     g).total_s / scale
+    return total
+
+
+def _workers(cfg: LabConfig) -> int:
+    from ..perf.topology import load_cluster
+
+    return load_cluster(cfg.cluster).num_workers
+
+
 def run_plan(entries: list[dict], cluster: str, nodes: int, workers_per_node: int,
              scale: float, floor: bool, plan_path: Path, timeout: float) -> int:
     """Run the plan in one torchrun per node under the emulator; returns its exit code.
@@ -283,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                          not args.no_gate)
     entries = [dict(e, cluster=args.cluster) for e in entries]
     steps = set(args.steps.split(","))
+    logger.info("plan: %d configurations, about %.0f s of emulated layer time at scale %g",
+                len(entries), estimate_seconds(entries, args.scale), args.scale)
     rc = 0
     for step in ("floor", "emulated"):
         if step in steps:
