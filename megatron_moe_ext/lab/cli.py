@@ -20,7 +20,13 @@ from dataclasses import fields
 from .run import LabConfig, run_lab
 from .setup import default_cluster
 
-__all__ = ["add_lab_arguments", "config_from_args", "main"]
+__all__ = ["LAB_ONLY", "BENCH_ONLY", "add_lab_arguments", "config_from_args", "main",
+           "run_bench_args"]
+
+LAB_ONLY = ("dilation", "floor", "measure_floor", "routing", "gate", "vary_routing", "record")
+"""Options that only ``--compute emulated`` uses (their defaults are the lab's)."""
+BENCH_ONLY = {"trace_dir": None, "threads": None, "overrides": []}
+"""Options of the real-compute benchmark the lab does not have (value = 'not given')."""
 
 
 def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> None:
@@ -77,6 +83,29 @@ def config_from_args(args: argparse.Namespace, compute: str = "emulated",
     cfg = LabConfig(**values)
     cfg.validate()
     return cfg
+
+
+def run_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   fallback_cluster: str) -> int:
+    """scripts/bench_moe_layer.py ``--compute emulated``: the bench's parsed options (plus
+    :func:`add_lab_arguments` with ``with_shared=False``) run as a lab benchmark. A bench
+    option the lab does not implement is an error, never silently ignored."""
+    given = [k for k, unset in BENCH_ONLY.items() if getattr(args, k, unset) != unset]
+    if given:
+        parser.error(f"--compute emulated does not support --{given[0].replace('_', '-')}")
+    try:
+        cfg = config_from_args(args, compute="emulated", fallback_cluster=fallback_cluster)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_lab(cfg)
+
+
+def check_real(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With ``--compute real``: the lab-only options must be at their defaults."""
+    defaults = {a.dest: a.default for a in parser._actions if a.dest in LAB_ONLY}
+    for key in LAB_ONLY:
+        if key in defaults and getattr(args, key) != defaults[key]:
+            parser.error(f"--{key.replace('_', '-')} needs --compute emulated")
 
 
 def main(argv: list[str] | None = None) -> int:

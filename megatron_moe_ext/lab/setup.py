@@ -20,6 +20,7 @@ from ..core.gate import cap_offnode, offnode_fraction, offnode_limit
 from ..core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
 from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
+from ..routing import zipf_expert_counts
 
 logger = logging.getLogger(__name__)
 
@@ -103,52 +104,31 @@ def lab_topology(cluster: str, num_workers: int,
     return topo
 
 
-def _zipf_row(total: int, num_experts: int, cap: int, skew: float,
-              popularity: np.ndarray) -> np.ndarray:
-    """Exact copies per expert (sum ``total``, each <= ``cap``), p_e ~ 1 / rank_e^skew."""
-    p = 1.0 / (popularity + 1.0) ** float(skew)
-    counts = np.zeros(num_experts, dtype=np.int64)
-    left = np.ones(num_experts, dtype=bool)
-    remaining = total
-    while remaining > 0:  # largest remainder, capped at ``cap``, excess redistributed
-        share = remaining * p * left / (p * left).sum()
-        add = np.floor(share).astype(np.int64)
-        for e in np.argsort(-(share - add), kind="stable")[: remaining - int(add.sum())]:
-            add[e] += 1
-        counts += add
-        over = np.maximum(counts - cap, 0)
-        counts -= over
-        left &= counts < cap
-        remaining = int(over.sum())
-    return counts
-
-
 def lab_counts(num_workers: int, num_experts: int, tokens: int, topk: int, skew: float,
                seed: int, iteration: int = 0, vary: bool = False) -> np.ndarray:
     """Routing counts [W, E] of one layer call, identical on every rank.
 
-    skew = 0: every worker spreads its T k copies evenly (remainder to the lowest experts).
-    skew > 0: every worker's copies follow Zipf(skew) over experts (at most T per expert, a
-    token picks an expert once); expert popularity ranks are a permutation drawn from
-    ``seed`` (and ``iteration`` when ``vary``), so the hot experts move between iterations.
+    The benchmark's law (:func:`megatron_moe_ext.routing.zipf_expert_counts`: exact counts,
+    expert 0 hottest, every worker the same counts). With ``vary`` the experts' popularity
+    ranks are a permutation drawn from (``seed``, ``iteration``), so the hot experts move
+    from iteration to iteration.
     """
     if not 1 <= topk <= num_experts or num_experts % num_workers:
         raise ValueError(f"need 1 <= topk <= E and E % W == 0 (E={num_experts}, "
                          f"W={num_workers}, topk={topk})")
-    total = tokens * topk
-    if skew <= 0:
-        base, rem = divmod(total, num_experts)
-        row = np.full(num_experts, base, dtype=np.int64)
-        row[:rem] += 1
-        return np.tile(row, (num_workers, 1))
-    rng = np.random.default_rng([seed, iteration if vary else 0])
-    popularity = rng.permutation(num_experts).astype(float)
-    rows = []
-    for w in range(num_workers):  # each worker's own mild variation of the same law
-        jitter = np.random.default_rng([seed, iteration if vary else 0, w + 1])
-        pop = popularity + jitter.uniform(-0.25, 0.25, num_experts)
-        rows.append(_zipf_row(total, num_experts, tokens, skew, pop))
-    return np.stack(rows)
+    row = zipf_expert_counts(tokens, num_experts, topk, skew)
+    if vary and skew > 0:
+        row = row[np.random.default_rng([seed, iteration]).permutation(num_experts)]
+    return np.tile(row.astype(np.int64), (num_workers, 1))
+
+
+def _popularity(num_experts: int, seed: int, iteration: int, vary: bool) -> np.ndarray:
+    """Popularity rank of every expert: identity (expert 0 hottest), or the permutation of
+    :func:`lab_counts` with ``vary``."""
+    if not vary:
+        return np.arange(num_experts, dtype=float)
+    # lab_counts gives expert e the count of rank perm[e]
+    return np.random.default_rng([seed, iteration]).permutation(num_experts).astype(float)
 
 
 def gate_fraction(topology: Topology) -> float:
@@ -172,7 +152,8 @@ def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, s
     """Counts [W, E] from per-token router scores, with or without the topology-aware gate.
 
     Every worker's T tokens get scores = softmax(-skew log(rank_e + 1) + Gumbel noise) over
-    experts (popularity ranks as in :func:`lab_counts`); plain top-k, or
+    experts (popularity ranks as in :func:`lab_counts`, so the same experts are hot); plain
+    top-k, or
     :func:`core.gate.cap_offnode` with L = floor(f T k) (the product's gate; dropped copies
     are not counted). Identical on every rank (each rank draws every worker's scores).
     """
@@ -181,8 +162,7 @@ def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, s
     w, m = topology.num_workers, topology.workers_per_node
     if num_experts % w:
         raise ValueError(f"E={num_experts} must be a multiple of W={w}")
-    rng = np.random.default_rng([seed, iteration if vary else 0])
-    popularity = rng.permutation(num_experts).astype(float)
+    popularity = _popularity(num_experts, seed, iteration, vary)
     expert_node = torch.as_tensor(np.arange(num_experts) // (num_experts // w) // m)
     limit = offnode_limit(tokens * topk, gate_fraction(topology)) if gate else None
     rows = []

@@ -94,3 +94,30 @@ def test_emulated_run_has_the_real_runs_plan_traffic_and_shadows(tmp_path, shado
     # and the emulated accelerator slept for them (backward 2x forward)
     assert emu["lab"]["sleep_requested_s"] > 0
     assert emu["impls"]["fastermoe"]["predicted_fwd_bwd_s"] > 0
+
+
+def test_bench_script_compute_emulated(tmp_path):
+    """scripts/bench_moe_layer.py --compute emulated: the lab behind the bench's options and
+    JSON keys; lab-only options without it are errors."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = [sys.executable, str(REPO / "scripts" / "bench_moe_layer.py")]
+    env = dict(__import__("os").environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    bad = subprocess.run(script + ["--dilation", "2"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--dilation needs --compute emulated" in bad.stderr
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(script + [
+        "--compute", "emulated", "--world-size", "4", "--cluster", CLUSTER, "--tokens", "64",
+        "--hidden", "32", "--ffn", "48", "--experts", "8", "--iters", "1", "--warmup", "0",
+        "--skew", "1.5", "--shadow", "model", "--group-size", "2", "--dilation", "3",
+        "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["dilation"] == 3.0 and r["mode"] == "emulated"
+    for key in ("ratio_fwd_bwd", "bound_fraction", "shadows", "shadow_set_counts", "lab"):
+        assert key in r
+    for impl in ("megatron", "fastermoe"):
+        assert r["impls"][impl]["predicted_fwd_bwd_s"] > 0
