@@ -12,7 +12,6 @@ from megatron_moe_ext.lab.reproduce import (
     build_plan,
     collect,
     layer_tokens,
-    r_squared,
     write_section,
 )
 from megatron_moe_ext.lab.run import LabConfig
@@ -67,4 +66,25 @@ def test_collect_and_section(tmp_path):
     assert text.count("<!-- lab:johnny:begin -->") == 1 and "kept" in text
     assert "| moe_gpt_s_bal_g1 | 1.250 | 1.152 |" in text  # measured 2.0/1.6, predicted
     assert "| no |" in text  # fastermoe's floor is 19 % of its time: not valid
-    assert r_squared([1, 2, 3], [1, 2, 3]) == 1.0 and r_squared([1], [1]) is None
+
+
+def test_validate_from_lab_keeps_only_points_with_a_low_floor(tmp_path, capsys):
+    from megatron_moe_ext.lab.validate import lab_rows, validate_lab
+
+    def doc(path, times, preds, workers):
+        path.write_text(json.dumps({
+            "mode": "emulated", "cluster": {"name": "c", "workers": workers},
+            "config": {"hidden": 8, "ffn": 16, "tokens": 4, "skew": 0.0, "group_size": 1},
+            "shadows": [[]], "machine": {"loadavg_1min_start": 0.5},
+            "impls": {k: {"fwd_bwd_s": t, "cluster_fwd_bwd_s": t / 10, "predicted_fwd_bwd_s": p}
+                      for (k, t), p in zip(times.items(), preds)}}))
+
+    for i, (t, w) in enumerate([(1.0, 16), (2.0, 16), (4.0, 64), (8.0, 64)]):
+        doc(tmp_path / f"r{i}.json", {"megatron": t, "fastermoe": t / 2}, [t / 10, t / 20], w)
+        doc(tmp_path / f"r{i}_floor.json", {"megatron": 0.01, "fastermoe": 0.3 * t / 2}, [0, 0], w)
+    rows = lab_rows([tmp_path])
+    assert len(rows) == 8 and {r["workers"] for r in rows} == {16, 64}
+    s = validate_lab([tmp_path], json_path=str(tmp_path / "v.json"))
+    assert s["points"] == 4 and s["left_out_floor"] == 4  # fastermoe floors are 30 %
+    assert s["by_workers"]["16"]["r2"] == pytest.approx(1.0)
+    assert "R^2 by W" in capsys.readouterr().out
