@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.exchange import smart_exchange
+from ..core.exchange import Shadows, smart_exchange
 from ..core.plan import build_plan
-from ..core.shadow import ShadowSplit, broadcast_from_owners, routed_counts
+from ..core.shadow import broadcast_from_owners
 from .accelerator import EmulatedAccelerator, SleepStats
 from .baseline import sync_exchange
 from .report import format_table, summarize
@@ -246,18 +246,15 @@ class _Layer:
                            else None)
             owners.append(owner)
         tmpl = [self.expert_params[0]] * len(order)
-        weights = dict(zip(order, broadcast_from_owners(tensors, owners, tmpl, self.group)))
-        split = ShadowSplit.build(c[self.rank].tolist(), order)
-        x_rest, x_blocks = split.split(x)
-        p_rest, p_blocks = split.split(p)
-        y_blocks = {e: self.accel.shadow_fn([weights[e]], x_blocks[e], p_blocks[e])
-                    for e in order}
+        replicas = broadcast_from_owners(tensors, owners, tmpl, self.group)
+        accel = self.accel
+        shadow = Shadows(weights={e: [w] for e, w in zip(order, replicas)},
+                         fn=lambda e, xs, ps, ws: accel.shadow_fn(ws, xs, ps))
+        # the owners' shadowed parameters get their gradient from the broadcast's backward
         mine = {e - self.rank * self.e_l for e in order if e // self.e_l == self.rank}
         params = [w for i, w in enumerate(params) if i not in mine]
-        y_rest = smart_exchange(x_rest, p_rest, routed_counts(counts, order),
-                                self.accel.expert_fn, params, group=self.group, group_size=g,
-                                group_order=self.order)
-        return split.merge(y_rest, y_blocks)
+        return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
+                              group_size=g, group_order=self.order, shadows=shadow)
 
 
 def _alone_alltoall(layer: _Layer, rows: np.ndarray, x: torch.Tensor) -> float:
@@ -368,8 +365,8 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
             if name == "fastermoe":
                 shadow_sets.append(list(layer.last_shadows))
             if cfg.record and name == "fastermoe":
-                plan = build_plan(routed_counts(torch.as_tensor(rows), layer.last_shadows)
-                                  .tolist(), rank, world, min(cfg.group_size, world), layer.order)
+                plan = build_plan(rows.tolist(), rank, world, min(cfg.group_size, world),
+                                  layer.order, shadows=layer.last_shadows)
                 records.append({
                     "shadows": list(layer.last_shadows),
                     "sent_per_step": plan.tokens_sent_per_step(),

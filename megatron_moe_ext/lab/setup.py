@@ -17,7 +17,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..core.gate import cap_offnode, offnode_fraction, offnode_limit
-from ..core.shadow_policy import choose_shadows, choose_shadows_by_cost, top_k_shadows
+from ..core.shadow_policy import (
+    SHADOW_POLICIES,
+    choose_shadows,
+    choose_shadows_by_cost,
+    top_k_shadows,
+)
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
 from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
 from ..routing import zipf_expert_counts
@@ -40,8 +45,6 @@ EMULATION_CLUSTER_ENV = "MMX_EMULATION_CLUSTER"
 EMULATION_CLUSTER_FILE_ENV = "MMX_EMULATION_CLUSTER_FILE"
 """Set by the cluster emulator when it knows the YAML it emulates (takes precedence)."""
 
-SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
-"""Accepted shadow policies (``moe.fastermoe.shadow.policy``)."""
 
 
 def emulator_scale() -> Optional[float]:
