@@ -248,7 +248,7 @@ def write_section(doc: Path, rows: list[dict], command: str, notes: list[str],
               + ", ".join(f"W={w}: {'-' if v is None else f'{v:.3f}'}" for w, v in r2.items()),
               ""]
     if png:
-        lines += [f"![model vs lab]({Path(png).name})", ""]
+        lines += [f"![model vs lab](img/{Path(png).name})", ""]
     lines.append(END)
     text = doc.read_text() if doc.exists() else ""
     block = "\n".join(lines)
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-sizes", default="1,2,4,8")
     p.add_argument("--skew", type=float, default=1.0)
     p.add_argument("--no-gate", action="store_true", help="leave out the gate configurations")
+    p.add_argument("--only", default=None,
+                   help="comma list of substrings: keep the configurations whose result name "
+                        "contains one (e.g. gpt_s_bal,moe_gpt_bal_g1)")
     p.add_argument("--out", default="runs/lab/repro")
     p.add_argument("--doc", default="docs/reproduction.md")
     p.add_argument("--timeout", type=float, default=1800)
@@ -301,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     entries = build_plan(layers, args.tokens, out, args.iters, args.warmup, gs, args.skew,
                          not args.no_gate)
     entries = [dict(e, cluster=args.cluster) for e in entries]
+    if args.only:
+        keep = [k for k in args.only.split(",") if k]
+        entries = [e for e in entries if any(k in Path(e["json"]).name for k in keep)]
+        if not entries:
+            p.error(f"--only {args.only!r} keeps no configuration")
     steps = set(args.steps.split(","))
     logger.info("plan: %d configurations, about %.0f s of emulated layer time at scale %g",
                 len(entries), estimate_seconds(entries, args.scale), args.scale)
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.timeout))
     if "doc" in steps:
         rows = collect(entries)
-        png = plot(rows, Path(args.doc).parent / f"lab_{spec.name}.png") if rows else None
+        png = plot(rows, Path(args.doc).parent / "img" / f"lab_{spec.name}.png") if rows else None
         notes = [f"- {spec.name} {spec.nodes}x{spec.workers_per_node}, layers {', '.join(layers)}"
                  f"; {args.tokens} x 1024 / H tokens per worker instead of the paper's "
                  f"{PAPER_TOKENS} "
