@@ -27,6 +27,13 @@ balance_bound = megatron skewed fwd+bwd / megatron balanced fwd+bwd (what perfec
 would give stock Megatron); bound_fraction = ratio_fwd_bwd (megatron / fastermoe, skewed) /
 balance_bound (1.0: FasterMoE on skewed routing is as fast as stock Megatron on balanced routing).
 
+--compute emulated runs the scale lab instead (megatron_moe_ext/lab, docs/emulation.md): no
+megatron-core, emulated accelerators sleeping the cluster's GEMM time x --dilation (auto: 1 /
+the emulator's link scale), the synchronous baseline as Megatron's alltoall dispatcher and the
+product's smart_exchange / shadows; same JSON keys, plus `dilation` and `lab` (the lab's own
+overhead; --measure-floor times compute-zero passes too). Under scripts/emulate_cluster.py
+--cluster defaults to the emulated cluster.
+
 Starts its own processes (torch.multiprocessing spawn, gloo, the CPU runtime) or, when RANK and
 WORLD_SIZE are set, runs as one rank under torchrun. Pure expert parallelism: EP = world size.
 
@@ -42,12 +49,12 @@ import argparse
 import sys
 
 from megatron_moe_ext.bench.layer import LayerBenchOptions, run
-from megatron_moe_ext.cli import parse_options
+from megatron_moe_ext.lab.cli import LAB_ONLY, add_lab_arguments, check_real, run_bench_args
 
 D = LayerBenchOptions  # option defaults are the library's
 
 
-def parse_args(argv=None) -> LayerBenchOptions:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", choices=["megatron", "fastermoe", "both"], default=D.impl,
@@ -90,10 +97,11 @@ def parse_args(argv=None) -> LayerBenchOptions:
                    help="after timing, run one traced FasterMoE iteration and write Chrome "
                         "traces DIR/rank<r>_layer1.json and (if matplotlib works) "
                         "DIR/timeline.png")
-    p.add_argument("--cluster", default=D.cluster,
+    p.add_argument("--cluster", default=None,
                    help="cluster YAML (or name) for the performance-model prediction "
                         "(default: configs/clusters/local-cpu.yaml, calibrated by "
-                        "scripts/calibrate.py)")
+                        "scripts/calibrate.py; with --compute emulated under the emulator: the "
+                        "emulated cluster)")
     p.add_argument("--seed", type=int, default=D.seed,
                    help="seed of weights, inputs and routing (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
@@ -104,10 +112,33 @@ def parse_args(argv=None) -> LayerBenchOptions:
                         "moe.router.load_balancing_type=none)")
     p.add_argument("--log-level", default=D.log_level,
                    help="rank-0 log level (default: %(default)s)")
-    return parse_options(p, LayerBenchOptions, argv)
+    p.add_argument("--compute", choices=["real", "emulated"], default="real",
+                   help="real: megatron-core layers on this machine; emulated: the scale lab "
+                        "(megatron_moe_ext/lab, emulated accelerators, no megatron-core; "
+                        "docs/emulation.md) (default: %(default)s)")
+    add_lab_arguments(p, with_shared=False)
+    return p
+
+
+def parse_args(argv=None) -> LayerBenchOptions:
+    """The real-compute benchmark's options (``--compute real``; lab-only options are errors)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_real(p, args)
+    values = {k: v for k, v in vars(args).items() if k not in ("compute", *LAB_ONLY)}
+    values["cluster"] = values["cluster"] or D.cluster
+    try:
+        return LayerBenchOptions(**values)
+    except ValueError as exc:
+        p.error(str(exc))
+        raise
 
 
 def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.compute == "emulated":
+        return run_bench_args(p, args, D.cluster)
     return run(parse_args(argv))
 
 

@@ -44,7 +44,6 @@ from megatron_moe_ext.bench.validate import (
     ValidateOptions,
     run,
 )
-from megatron_moe_ext.cli import parse_options
 
 
 def _size(text: str) -> tuple[int, int, int]:
@@ -55,7 +54,7 @@ def _size(text: str) -> tuple[int, int, int]:
     return h, f, t
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cluster", default="local-cpu",
@@ -107,15 +106,38 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
     p.add_argument("--calib-hidden", type=int, default=512,
                    help="H of the --recalibrate curve's MLP (F = 2H) (default: %(default)s)")
     p.add_argument("--out-png", metavar="PNG", help="scatter plot of measured vs predicted")
+    p.add_argument("--from-lab", nargs="+", metavar="DIR", default=None,
+                   help="measure nothing: validate against the scale lab's result JSONs "
+                        "(megatron_moe_ext/lab; points whose floor is >= 10 %% are left out), "
+                        "R^2 per worker count")
     p.add_argument("--from-json", metavar="PATH",
                    help="measure nothing: reprint the table and redraw --out-png from the JSON "
                         "of an earlier run")
     p.add_argument("--json", metavar="PATH", help="write r2, summary and per-point rows")
     p.add_argument("--log-level", default="INFO", help="rank-0 log level (default: %(default)s)")
-    return parse_options(p, ValidateOptions, argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.from_lab:
+        p.error("--from-lab is handled by main()")
+    values = {k: v for k, v in vars(args).items() if k != "from_lab"}
+    try:
+        return ValidateOptions(**values)
+    except ValueError as exc:
+        p.error(str(exc))
+        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.from_lab:  # the scale lab's JSONs as the measurements (megatron_moe_ext/lab)
+        from megatron_moe_ext.lab.validate import validate_lab
+
+        validate_lab(args.from_lab, args.out_png, args.json)
+        return 0
     return run(parse_args(argv))
 
 

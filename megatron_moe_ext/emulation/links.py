@@ -8,8 +8,11 @@ apart from :func:`measure_local_gemm_tflops`; nothing here runs ``ip`` or ``tc``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..perf.topology import GBIT, ClusterSpec, Topology
 from .namespaces import EmulationError
@@ -154,6 +157,29 @@ def intra_node_link(spec: ClusterSpec) -> IntraNodeLink | None:
     return IntraNodeLink(gbps=best[0] / GBIT, kind=best[1] or "intra", memory=best[2])
 
 
+INTRA_BUS_MODES = ("link", "aggregate")
+"""How the one shared intra-node limit on ``lo`` is sized (:func:`plan_links`)."""
+
+
+def intra_node_aggregate_gbps(spec: ClusterSpec, workers_per_node: int | None = None) -> float:
+    """Rate (Gbit/s) of one shared bus that moves a uniform all-to-all among the first
+    ``workers_per_node`` workers of a node in the time the model gives it on the node's own
+    graph (:meth:`Topology.transfer_time`): total bytes / model time.
+
+    E.g. johnny (8 GPUs, a PCIe tree of 88 Gbit/s links, two switches joined through the
+    sockets): 56 pair flows whose busiest link (switch to socket) carries 16 of them, so the
+    bus runs at 56 / 16 x 88 = 308 Gbit/s instead of one link's 88.
+    """
+    m = spec.workers_per_node if workers_per_node is None else int(workers_per_node)
+    if m < 2:
+        raise EmulationError(f"{spec.name}: an intra-node bus needs >= 2 workers per node")
+    topo = Topology(dataclasses.replace(spec, nodes=1))
+    traffic = np.zeros((topo.num_workers, topo.num_workers))
+    traffic[:m, :m] = 1.0
+    np.fill_diagonal(traffic, 0.0)
+    return float(traffic.sum() / topo.transfer_time(traffic) / GBIT)
+
+
 def _worker_index(vertex: str) -> int | None:
     return int(vertex[1:]) if vertex[:1] == "w" and vertex[1:].isdigit() else None
 
@@ -175,9 +201,18 @@ def node_nic_gbps(spec: ClusterSpec, workers_per_node: int) -> float:
 
 def plan_links(
     spec: ClusterSpec, scale: float, nodes: int, workers_per_node: int, delay_ms: float = 0.0,
-    intra_limit: bool = True,
+    intra_limit: bool = True, intra_bus: str = "link",
 ) -> list[EmulatedLink]:
-    """The rate limits for ``nodes`` x ``workers_per_node`` emulated workers of ``spec``."""
+    """The rate limits for ``nodes`` x ``workers_per_node`` emulated workers of ``spec``.
+
+    The intra-node limit is one tbf on the node's ``lo`` (a shared bus for all its workers),
+    sized by ``intra_bus``: ``link`` = the bottleneck of the slowest worker-to-worker path (one
+    link's rate for the whole node: right for 2 workers, pessimistic for more),
+    ``aggregate`` = :func:`intra_node_aggregate_gbps` (the node's uniform all-to-all takes the
+    model's time; patterns that load fewer links run faster than on the real tree).
+    """
+    if intra_bus not in INTRA_BUS_MODES:
+        raise EmulationError(f"intra_bus {intra_bus!r} is not one of {list(INTRA_BUS_MODES)}")
     links: list[EmulatedLink] = []
     if nodes > 1:
         if not spec.nics:
@@ -190,8 +225,10 @@ def plan_links(
     if workers_per_node > 1 and intra_limit:
         intra = intra_node_link(spec)
         if intra is not None and not intra.memory:
+            gbps = (intra.gbps if intra_bus == "link"
+                    else intra_node_aggregate_gbps(spec, workers_per_node))
             for k in range(nodes):
-                links.append(EmulatedLink(f"node{k}.intra", intra.kind, intra.gbps, scale,
+                links.append(EmulatedLink(f"node{k}.intra", intra.kind, gbps, scale,
                                           ((f"node{k}", "lo"),)))
     return links
 

@@ -47,6 +47,7 @@ from typing import Mapping, Sequence, Union
 
 from ..perf.topology import ClusterSpec
 from .links import (  # noqa: F401 -- used here and re-exported
+    INTRA_BUS_MODES,
     MEMORY_KINDS,
     NODE_IF,
     TBF_BURST_S,
@@ -54,6 +55,7 @@ from .links import (  # noqa: F401 -- used here and re-exported
     EmulatedLink,
     IntraNodeLink,
     auto_scale,
+    intra_node_aggregate_gbps,
     intra_node_link,
     measure_local_gemm_tflops,
     node_nic_gbps,
@@ -74,11 +76,12 @@ from .namespaces import (  # noqa: F401 -- used here and re-exported
 )
 
 __all__ = [
-    "BRIDGE", "MAX_NODES", "MEMORY_KINDS", "NODE_IF", "NS_RE", "PREFIX", "REPO", "SUBNET",
-    "TBF_BURST_S", "TBF_LATENCY_MS", "EmulatedCluster", "EmulatedLink", "EmulationError",
-    "EmulationUnavailable", "IntraNodeLink", "NodeRef", "auto_scale", "check_prerequisites",
-    "cleanup", "intra_node_link", "list_namespaces", "measure_local_gemm_tflops",
-    "netem_available", "node_nic_gbps", "plan_links", "tbf_args",
+    "BRIDGE", "INTRA_BUS_MODES", "MAX_NODES", "MEMORY_KINDS", "NODE_IF", "NS_RE", "PREFIX",
+    "REPO", "SUBNET", "TBF_BURST_S", "TBF_LATENCY_MS", "EmulatedCluster", "EmulatedLink",
+    "EmulationError", "EmulationUnavailable", "IntraNodeLink", "NodeRef", "auto_scale",
+    "check_prerequisites", "cleanup", "intra_node_aggregate_gbps", "intra_node_link",
+    "list_namespaces", "measure_local_gemm_tflops", "netem_available", "node_nic_gbps",
+    "plan_links", "tbf_args",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,12 +121,16 @@ class EmulatedCluster:
         self, spec: ClusterSpec, scale: float, nodes: int | None = None,
         workers_per_node: int | None = None, delay_ms: float = 0.0, *, intra_limit: bool = True,
         master_port: int = 29500, prefix: str | None = None, dry_run: bool = False,
+        intra_bus: str = "link", cluster_file: str | os.PathLike | None = None,
     ) -> None:
         """Plan the emulation (nothing is created before ``__enter__``).
 
         ``nodes`` / ``workers_per_node`` default to the cluster's; ``scale`` multiplies every
         link bandwidth; ``delay_ms`` is a one-way netem delay per node NIC; ``dry_run`` only
-        records the commands (see :attr:`commands`) and needs no root.
+        records the commands (see :attr:`commands`) and needs no root. ``intra_bus`` sizes the
+        shared intra-node limit (:func:`.links.plan_links`); ``cluster_file``, the YAML ``spec``
+        came from, is told to the launched processes (``MMX_EMULATION_CLUSTER_FILE``) so that
+        they can load the same cluster (the scale lab does).
         """
         self.spec = spec
         self.scale = float(scale)
@@ -143,8 +150,11 @@ class EmulatedCluster:
         self.dry_run = dry_run
         seq = next(_SEQ)
         self.prefix = prefix or (f"mmx-{os.getpid()}" if seq == 0 else f"mmx-{os.getpid()}.{seq}")
+        self.intra_bus = intra_bus
+        self.cluster_file = None if cluster_file is None else str(Path(cluster_file).resolve())
         self.links: list[EmulatedLink] = plan_links(
-            spec, self.scale, self.nodes, self.workers_per_node, self.delay_ms, intra_limit)
+            spec, self.scale, self.nodes, self.workers_per_node, self.delay_ms, intra_limit,
+            intra_bus)
         self.commands: list[list[str]] = []
         """Every command run (or, with ``dry_run``, that would run) to set up and tear down."""
         self.returncodes: list[int | None] = []
@@ -191,6 +201,8 @@ class EmulatedCluster:
             f", namespaces {self.prefix}-{{sw,node0..{self.nodes - 1}}}",
         ]
         lines += ["  " + ln.describe() for ln in self.links]
+        if any(ln.kind != "nic" for ln in self.links):
+            lines.append(f"  intra-node: one shared bus per node on lo, sized '{self.intra_bus}'")
         if not any(ln.kind != "nic" for ln in self.links):
             lines.append("  intra-node traffic: not limited (memory / loopback speed)")
         if self.nodes == 1:
@@ -317,6 +329,8 @@ class EmulatedCluster:
         out["MMX_EMULATION_CLUSTER"] = self.spec.name
         out["MMX_EMULATION_SCALE"] = repr(self.scale)
         out["MMX_EMULATION_NODE"] = str(node)
+        if self.cluster_file is not None:
+            out["MMX_EMULATION_CLUSTER_FILE"] = self.cluster_file
         return out
 
     def torchrun_argv(self, node: int, cmd: Sequence[str]) -> list[str]:

@@ -1,0 +1,433 @@
+"""The layer benchmark of the scale lab: synchronous EP vs the product's FasterMoE path, with
+emulated accelerators (no megatron-core import, so 64 workers fit on one machine).
+
+Notation
+--------
+T      tokens per worker entering the layer (before top-k); k top-k; T k routed copies
+E      experts; E_l = E / W per worker; H hidden; F ffn hidden size
+W      workers = expert-parallel size; g smart-schedule group size
+D      time dilation (lab seconds per cluster second)
+
+What is real: processes, gloo, every message at its real size, the product's plan and executor
+(:func:`core.exchange.smart_exchange`), shadow broadcast / reduce (:mod:`core.shadow`), the
+shadow policies, and, under the emulator, the network stack with rate-limited links. What is
+emulated: the accelerator (:class:`.accelerator.EmulatedAccelerator` sleeps the cluster's GEMM
+time x D). The synchronous baseline is :func:`.baseline.sync_exchange` (Megatron's alltoall
+dispatcher: all-to-all, compute, all-to-all). The router and the local permutation around the
+exchange are not run (both implementations share them in the product); the small all-gather
+of the routing counts is, in both.
+
+``compute="real"`` swaps the emulated accelerator for a small real expert (a linear two-layer
+MLP with the expert's parameter count), the time source being the CPU; used by the tests to
+show that only the time source differs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.exchange import Shadows, smart_exchange
+from ..core.plan import build_plan
+from ..core.shadow import broadcast_from_owners
+from .accelerator import EmulatedAccelerator, SleepStats
+from .baseline import sync_exchange
+from .report import format_table, summarize
+from .setup import (
+    emulator_scale,
+    lab_counts,
+    lab_topology,
+    predict,
+    resolve_dilation,
+    score_counts,
+    select_shadows,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabConfig", "RealExperts", "bench_layer", "lab_worker", "run_lab"]
+
+IMPLS = ("megatron", "fastermoe")
+"""megatron: synchronous EP (sync_exchange); fastermoe: smart_exchange + shadows."""
+COMPUTE_MODES = ("emulated", "real")
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LabConfig:
+    """One lab benchmark run (the options of scripts/bench_moe_layer.py that apply)."""
+
+    cluster: str
+    """Cluster YAML path or name; its layout is kept with as many nodes as W fills."""
+    world_size: int = 4
+    """W processes to spawn (ignored under torchrun, where WORLD_SIZE wins)."""
+    impl: str = "both"
+    """megatron, fastermoe or both."""
+    tokens: int = 4096
+    """T: tokens per worker entering the layer, before top-k."""
+    hidden: int = 512
+    """H."""
+    ffn: int = 1024
+    """F: expert inner size."""
+    experts: int = 4
+    """E in total, a multiple of W."""
+    topk: int = 2
+    """k."""
+    skew: float = 0.0
+    """Zipf exponent over experts (0: exactly balanced)."""
+    vary_routing: bool = False
+    """With skew > 0: the hot experts change from iteration to iteration."""
+    routing: str = "exact"
+    """exact: counts laid out exactly by the Zipf law (:func:`.setup.lab_counts`); scores:
+    top-k of per-token router scores (:func:`.setup.score_counts`)."""
+    gate: bool = False
+    """With routing=scores: the topology-aware gate (core.gate.cap_offnode) caps off-node
+    copies (both implementations see the gated routing)."""
+    shadow: str = "never"
+    """Shadow policy: never, predictor, model, top_k."""
+    shadow_max_experts: int = 1
+    """With top_k: experts shadowed every call."""
+    group_size: int = 1
+    """g of the smart schedule (groups follow the topology's group_order(g))."""
+    dtype: str = "fp32"
+    """fp32 or bf16: activations, messages and the cluster's GEMM rate."""
+    iters: int = 10
+    """Timed iterations."""
+    warmup: int = 2
+    """Untimed iterations first."""
+    compute: str = "emulated"
+    """emulated (sleeping accelerator) or real (small real expert, CPU time; tests)."""
+    dilation: str = "auto"
+    """'auto' (1 / emulator link scale under the emulator, else 1) or a factor D."""
+    floor: bool = False
+    """Compute zero (D = 0): with unlimited links this measures the box's own cost."""
+    measure_floor: bool = False
+    """Also time every implementation with compute zero in the same iterations (reported as
+    ``lab.floor``): the box's own cost when links are unlimited (no emulator), else the
+    compute-free time on the emulated links."""
+    seed: int = 1234
+    """Seed of the routing (and of the real expert's weights)."""
+    json: Optional[str] = None
+    """Write the results (rank 0) to this JSON file."""
+    record: bool = False
+    """Record plan, expert chunks and shadow sets per iteration (tests compare them)."""
+    log_level: str = "INFO"
+    """Rank-0 log level."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad option."""
+        if self.impl not in (*IMPLS, "both"):
+            raise ValueError(f"--impl {self.impl!r}: expected megatron, fastermoe or both")
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"--compute {self.compute!r}: expected one of {COMPUTE_MODES}")
+        if self.dtype not in _TORCH_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {list(_TORCH_DTYPES)}")
+        if min(self.tokens, self.hidden, self.ffn, self.experts, self.iters, self.world_size,
+               self.group_size, self.topk) < 1 or self.warmup < 0:
+            raise ValueError("--tokens, --hidden, --ffn, --experts, --iters, --world-size, "
+                             "--group-size, --topk must be >= 1 and --warmup >= 0")
+        if self.routing not in ("exact", "scores"):
+            raise ValueError(f"--routing {self.routing!r}: expected exact or scores")
+        if self.gate and self.routing != "scores":
+            raise ValueError("--gate needs --routing scores (the gate acts on router scores)")
+        if self.skew < 0:
+            raise ValueError(f"--skew must be >= 0, got {self.skew}")
+        if (self.floor or self.measure_floor) and self.compute != "emulated":
+            raise ValueError("--floor / --measure-floor need --compute emulated")
+        if self.floor and self.measure_floor:
+            raise ValueError("--floor and --measure-floor exclude each other")
+        resolve_dilation(self.dilation)
+
+
+class RealExperts:
+    """A small real expert per local expert: y = p * ((x W1^T) W2), W1 [F, H], W2 [F, H]
+    (no activation; 2 F H parameters per expert like an MLP expert), deterministic weights."""
+
+    def __init__(self, num_local: int, hidden: int, ffn: int, dtype: torch.dtype, seed: int,
+                 first_expert: int) -> None:
+        self.params = []
+        for e in range(num_local):
+            gen = torch.Generator().manual_seed(seed * 7919 + first_expert + e)
+            w = (torch.randn(2 * ffn, hidden, generator=gen) / hidden ** 0.5).to(dtype)
+            self.params.append(w.requires_grad_(True))
+        self.ffn = ffn
+        self.stats = SleepStats(record=True)
+
+    def mlp(self, w: torch.Tensor, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens."""
+        h = x @ w[: self.ffn].t()
+        return (h @ w[self.ffn:]) * p.unsqueeze(-1).to(x.dtype)
+
+    def expert_fn(self, x: torch.Tensor, p: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        """``expert_fn`` of the exchange: local experts in order on their slices of x."""
+        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
+        outs, off = [], 0
+        for w, n in zip(self.params, tokens_per_expert):
+            outs.append(self.mlp(w, x[off:off + n], p[off:off + n]))
+            off += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def shadow_fn(self, weights, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """A shadowed expert with its broadcast weights."""
+        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
+        return self.mlp(weights[0], x, p)
+
+
+def _median(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+def _init_process_group() -> tuple[int, int]:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _Layer:
+    """The two implementations of one MoE layer's expert part on this rank."""
+
+    def __init__(self, cfg: LabConfig, rank: int, world: int, topo, accel, group) -> None:
+        self.cfg, self.rank, self.world, self.topo, self.accel = cfg, rank, world, topo, accel
+        self.group = group
+        self.e_l = cfg.experts // world
+        self.order = topo.group_order(min(cfg.group_size, world))
+        self.last_shadows: list[int] = []
+        self.dtype = _TORCH_DTYPES[cfg.dtype]
+        if isinstance(accel, RealExperts):
+            self.expert_params = accel.params
+        elif cfg.shadow != "never":
+            # stand-in parameters of the local experts (2 F H elements each), broadcast at
+            # their real size when shadowed
+            self.expert_params = [torch.zeros(2 * cfg.ffn, cfg.hidden, dtype=self.dtype)
+                                  for _ in range(self.e_l)]
+        else:
+            self.expert_params = []
+
+    def gather_counts(self, row: np.ndarray) -> torch.Tensor:
+        """The dispatcher's all-gather of every rank's tokens-per-expert row."""
+        local = torch.as_tensor(row, dtype=torch.int64)
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local, group=self.group)
+        return torch.stack(out)
+
+    def megatron(self, x, p, row):
+        counts = self.gather_counts(row)
+        return sync_exchange(x, p, counts, self.accel.expert_fn, self.group)
+
+    def fastermoe(self, x, p, row):
+        cfg = self.cfg
+        counts = self.gather_counts(row)
+        c = counts.numpy()
+        shadows = select_shadows(cfg.shadow, c, self.topo, cfg.hidden, cfg.ffn, cfg.dtype,
+                                 min(cfg.group_size, self.world), cfg.shadow_max_experts)
+        self.last_shadows = list(shadows)
+        params = list(self.expert_params) if isinstance(self.accel, RealExperts) else []
+        g = min(cfg.group_size, self.world)
+        if not shadows:
+            return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
+                                  group_size=g, group_order=self.order)
+        order = sorted(set(shadows))
+        tensors, owners = [], []
+        for e in order:
+            owner = e // self.e_l
+            tensors.append(self.expert_params[e - self.rank * self.e_l] if owner == self.rank
+                           else None)
+            owners.append(owner)
+        tmpl = [self.expert_params[0]] * len(order)
+        replicas = broadcast_from_owners(tensors, owners, tmpl, self.group)
+        accel = self.accel
+        shadow = Shadows(weights={e: [w] for e, w in zip(order, replicas)},
+                         fn=lambda e, xs, ps, ws: accel.shadow_fn(ws, xs, ps))
+        # the owners' shadowed parameters get their gradient from the broadcast's backward
+        mine = {e - self.rank * self.e_l for e in order if e // self.e_l == self.rank}
+        params = [w for i, w in enumerate(params) if i not in mine]
+        return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
+                              group_size=g, group_order=self.order, shadows=shadow)
+
+
+def _alone_alltoall(layer: _Layer, rows: np.ndarray, x: torch.Tensor) -> float:
+    """One all_to_all_single of the routed tokens alone (the overlap bound's A)."""
+    e_l, rank = layer.e_l, layer.rank
+    ins = [int(rows[rank, w * e_l:(w + 1) * e_l].sum()) for w in range(layer.world)]
+    outs = [int(rows[s, rank * e_l:(rank + 1) * e_l].sum()) for s in range(layer.world)]
+    out = x.new_empty((sum(outs), x.shape[1]))
+    dist.barrier(group=layer.group)
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x.detach(), outs, ins, group=layer.group)
+    return time.perf_counter() - t0
+
+
+def lab_worker(cfg: LabConfig) -> Optional[dict]:
+    """Run the benchmark on this rank (process group from the torchrun environment); rank 0
+    returns (and writes) the results, the others None."""
+    cfg.validate()
+    torch.set_num_threads(1)
+    rank, _ = _init_process_group()
+    logging.basicConfig(level=cfg.log_level.upper() if rank == 0 else "WARNING",
+                        format=f"[lab rank {rank}] %(message)s", force=True)
+    try:
+        return bench_layer(cfg, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
+    """One benchmark over ``group`` (all its ranks call this); rank 0 returns the results."""
+    cfg.validate()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    load_start = os.getloadavg()[0]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    under_emulator = emulator_scale() is not None
+    topo = lab_topology(cfg.cluster, world, local_world if under_emulator else None)
+    dil, dil_source = resolve_dilation(cfg.dilation)
+    if cfg.floor:
+        dil, dil_source = 0.0, "floor: compute zero"
+    dtype = _TORCH_DTYPES[cfg.dtype]
+    if cfg.experts % world:
+        raise ValueError(f"--experts {cfg.experts} must be a multiple of W={world}")
+    e_l = cfg.experts // world
+    if cfg.compute == "emulated":
+        accel = EmulatedAccelerator.for_cluster(topo, cfg.dtype, cfg.hidden, cfg.ffn, dil)
+        accel.stats.record = cfg.record
+    else:
+        accel = RealExperts(e_l, cfg.hidden, cfg.ffn, dtype, cfg.seed, rank * e_l)
+        dil, dil_source = 1.0, "real compute"
+    layer = _Layer(cfg, rank, world, topo, accel, group)
+    impls = list(IMPLS) if cfg.impl == "both" else [cfg.impl]
+    runs = list(impls)
+    if cfg.skew > 0 and "megatron" in impls:
+        runs.append("megatron_balanced")
+    if cfg.measure_floor:
+        runs += [f"floor_{name}" for name in impls]
+    logger.info("lab: %s W=%d (%d per node), T=%d, H=%d, F=%d, E=%d, top-%d, skew=%g%s, %s "
+                "routing%s, g=%d, shadow=%s, %s, compute=%s, D=%g (%s)", topo.spec.name, world,
+                local_world, cfg.tokens, cfg.hidden, cfg.ffn, cfg.experts, cfg.topk, cfg.skew,
+                " (varying)" if cfg.vary_routing else "", cfg.routing,
+                " + topology gate" if cfg.gate else "", cfg.group_size, cfg.shadow, cfg.dtype,
+                cfg.compute, dil, dil_source)
+
+    n_rows = cfg.tokens * cfg.topk
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    x0 = torch.randn(n_rows, cfg.hidden, generator=gen).to(dtype)
+    p0 = torch.rand(n_rows, generator=gen).to(dtype)
+    gy = torch.randn(n_rows, cfg.hidden, generator=gen).to(dtype)
+    times: dict[str, list[float]] = {}
+    preds: dict[str, list[float]] = {}
+    shadow_sets, records, alone_a2a, comp_fwd = [], [], [], []
+    sleep_req = sleep_act = 0.0
+    gc.disable()
+    for it in range(cfg.warmup + cfg.iters):
+        timed = it >= cfg.warmup
+        if cfg.routing == "scores":
+            rows = score_counts(topo, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
+                                it, cfg.vary_routing, cfg.gate)
+        else:
+            rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
+                              it, cfg.vary_routing)
+        bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
+        for name in (runs if it % 2 == 0 else runs[::-1]):
+            r = bal if name == "megatron_balanced" else rows
+            fn = layer.fastermoe if name.endswith("fastermoe") else layer.megatron
+            if cfg.measure_floor:
+                accel.dilation = 0.0 if name.startswith("floor_") else dil
+            n = int(r[rank].sum())  # the gate may drop copies
+            x = x0[:n].detach().requires_grad_(True)
+            p = p0[:n].detach().requires_grad_(True)
+            accel.stats.reset()
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            y = fn(x, p, r[rank])
+            t1 = time.perf_counter()
+            dist.barrier(group=group)
+            t2 = time.perf_counter()
+            y.backward(gy[:n])
+            t3 = time.perf_counter()
+            if not timed:
+                continue
+            times.setdefault(f"{name}.fwd", []).append(t1 - t0)
+            times.setdefault(f"{name}.bwd", []).append(t3 - t2)
+            if name.startswith("floor_"):
+                continue
+            sleep_req += accel.stats.requested_s
+            sleep_act += accel.stats.actual_s
+            if name == "fastermoe":
+                shadow_sets.append(list(layer.last_shadows))
+            if cfg.record and name == "fastermoe":
+                plan = build_plan(rows.tolist(), rank, world, min(cfg.group_size, world),
+                                  layer.order, shadows=layer.last_shadows)
+                records.append({
+                    "shadows": list(layer.last_shadows),
+                    "sent_per_step": plan.tokens_sent_per_step(),
+                    "received_per_step": plan.tokens_received_per_step(),
+                    "chunks": list(accel.stats.chunks),
+                    "out": [list(y.shape), str(y.dtype)],
+                    "grad_x": [list(x.grad.shape), str(x.grad.dtype)],
+                })
+            if rank == 0:
+                label = "megatron" if name.startswith("megatron") else "fastermoe"
+                sched = "sync" if label == "megatron" else "smart"
+                sh = layer.last_shadows if label == "fastermoe" else []
+                preds.setdefault(name, []).append(predict(
+                    r, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
+                    min(cfg.group_size, world) if sched == "smart" else 1, sh).total_s)
+        if timed:
+            alone_a2a.append(_alone_alltoall(layer, rows, x0[:int(rows[rank].sum())]))
+            b_rank = int(rows[:, rank * e_l:(rank + 1) * e_l].sum())
+            comp_fwd.append(accel.forward_seconds(b_rank) if cfg.compute == "emulated" else 0.0)
+        gc.collect()
+    gc.enable()
+
+    # max over ranks of every per-iteration figure
+    keys = sorted(times)
+    flat = torch.tensor([v for k in keys for v in times[k]] + alone_a2a + comp_fwd
+                        + [sleep_req, sleep_act], dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    k = cfg.iters
+    mx = {key: flat[i * k:(i + 1) * k].tolist() for i, key in enumerate(keys)}
+    base = len(keys) * k
+    a2a_mx, comp_mx = flat[base:base + k].tolist(), flat[base + k:base + 2 * k].tolist()
+    sleep_req_mx, sleep_act_mx = float(flat[-2]), float(flat[-1])
+    rec_all = [None] * world
+    if cfg.record:
+        dist.all_gather_object(rec_all, records, group=group)
+    load_end = os.getloadavg()[0]
+    results = None
+    if rank == 0:
+        results = summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds,
+                             shadow_sets, a2a_mx, comp_mx, sleep_req_mx, sleep_act_mx,
+                             (load_start, load_end))
+        if cfg.record:
+            results["records"] = rec_all
+        if cfg.json:
+            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.json).write_text(json.dumps(results, indent=1))
+            logger.info("wrote %s", cfg.json)
+        print(format_table(results), flush=True)
+    dist.barrier(group=group)
+    return results
+
+
+def run_lab(cfg: LabConfig) -> int:
+    """Run :func:`lab_worker` here under torchrun, else on ``cfg.world_size`` spawned
+    processes; returns an exit code."""
+    from ..runtime.launch import run_workers
+
+    cfg.validate()
+    return run_workers(_worker_entry, cfg.world_size, cfg)
+
+
+def _worker_entry(cfg: LabConfig) -> int:
+    lab_worker(cfg)
+    return 0
