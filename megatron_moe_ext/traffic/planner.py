@@ -291,3 +291,49 @@ def format_plan(cands: Sequence[Candidate], cluster: ClusterSpec, top: int = 12)
             seen.add(key)
             lines.append(f"  rejected ep={c.ep}: {c.rejected}")
     return "\n".join(lines) + "\n"
+
+
+def plan_layout_cli(cfg: Config, cluster: Optional[str], world_size: Optional[int],
+                    trace: Any = True, json_path: Optional[str] = None) -> int:
+    """``pretrain_gpt_moe.py --describe --plan-layout [TRACE] --cluster C [--json PATH]``.
+
+    Prints the ranked layouts; ``trace`` (a run directory or trace file; True: none) gives the
+    expert popularity per layer (mean over its records) instead of balanced routing. With
+    ``json_path`` the candidates are added under ``layout_plan`` to that JSON file (the one
+    ``--describe --json`` just wrote, or a new one). Returns the exit code.
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..perf.cluster import ClusterSpecError, load_cluster
+    from .locality import expert_popularity
+    from .trace import read_trace
+
+    if not cluster:
+        sys.stderr.write("--plan-layout needs --cluster NAME_OR_PATH\n")
+        return 2
+    try:
+        spec = load_cluster(cluster)
+        pop = None
+        if trace is not True and trace:
+            tr = read_trace(trace)
+            if tr.header.num_experts != cfg.moe.num_experts:
+                raise ValueError(f"trace has {tr.header.num_experts} experts, the config "
+                                 f"{cfg.moe.num_experts}")
+            pop = expert_popularity(tr.counts.astype(float)).mean(axis=0)  # [L, E]
+        cands = plan_layouts(cfg, spec, world_size, popularity=pop)
+    except (ConfigError, ClusterSpecError, FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"plan-layout error: {exc}\n")
+        return 2
+    routing = "balanced routing" if pop is None else f"expert popularity of {trace}"
+    sys.stdout.write(f"({routing})\n" + format_plan(cands, spec))
+    if json_path:
+        out = Path(json_path)
+        doc = json.loads(out.read_text()) if out.is_file() else {}
+        doc["layout_plan"] = {"cluster": spec.name, "routing": routing,
+                              "why": why_first(cands),
+                              "candidates": [c.to_dict() for c in cands]}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0 if any(c.rejected is None for c in cands) else 1

@@ -42,10 +42,14 @@ def _plt():
 
 def _heatmaps(mats: list[tuple[str, np.ndarray]], title: str, path: Path, unit: str) -> None:
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(mats), figsize=(3.6 * len(mats), 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], mats):
         im = ax.imshow(m, cmap="viridis", interpolation="nearest")
         ax.set_title(name, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("destination")
         ax.set_ylabel("source")
         fig.colorbar(im, ax=ax, fraction=0.046, label=unit)
