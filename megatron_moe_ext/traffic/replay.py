@@ -83,3 +83,21 @@ def replay_counts(trace: RoutingTrace, layer: Optional[int] = None,
     per_layer = trace.layer_counts(layer)
     for it, c in zip(trace.iterations, per_layer):
         yield int(it), np.asarray(c[rows], dtype=np.int64)
+
+
+def replay_routing(trace: RoutingTrace, rank: int, layer: Optional[int] = None,
+                   num_tokens: Optional[int] = None, group: int = 0,
+                   seed: int = 0) -> Iterator[tuple[int, np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Per record: (iteration, counts [E] of EP rank ``rank``, routing_map [T, E], bias [T, E])
+    for the benchmark's forced-routing path (``layer_builder.force_routing(layer, bias)``).
+
+    T defaults to the recorded tokens (counts sum / k: the routing is the recorded one
+    exactly); another ``num_tokens`` rescales each row with :func:`scale_counts`.
+    """
+    k = trace.header.topk
+    if not 0 <= rank < trace.header.ep_size:
+        raise ValueError(f"rank {rank} is not in an EP group of {trace.header.ep_size}")
+    for it, c in replay_counts(trace, layer, group):
+        row = c[rank] if num_tokens is None else scale_counts(c[rank], num_tokens, k)
+        rmap, bias = routing_for_counts(row, k, seed=seed + 7919 * it + rank)
+        yield it, row, rmap, bias

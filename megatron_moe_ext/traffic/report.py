@@ -65,7 +65,7 @@ def _balanced_like(c: np.ndarray) -> np.ndarray:
     return np.repeat(rows / c.shape[1], c.shape[1], axis=1)
 
 
-def imbalance_cost(trace: RoutingTrace, layer_pos: int, cluster: ClusterSpec,
+def routing_cost(trace: RoutingTrace, layer_pos: int, cluster: ClusterSpec,
                    max_records: int = 16) -> Optional[dict[str, float]]:
     """Predicted layer time (ms) on the recorded vs balanced counts of EP group 0 (last
     ``max_records`` records), sync and smart (the group size best on balanced routing), on
@@ -99,7 +99,7 @@ def imbalance_cost(trace: RoutingTrace, layer_pos: int, cluster: ClusterSpec,
                 out.setdefault(f"{sched}_{tag}_ms", []).append(p.total_s * 1e3)
     res = {k: float(np.mean(v)) for k, v in out.items()}
     for sched in ("sync", "smart"):
-        res[f"{sched}_cost_of_imbalance"] = res[f"{sched}_real_ms"] / res[f"{sched}_balanced_ms"]
+        res[f"{sched}_real_over_balanced"] = res[f"{sched}_real_ms"] / res[f"{sched}_balanced_ms"]
     return res
 
 
@@ -166,7 +166,7 @@ def build_report(trace: RoutingTrace, out_dir: str | Path, cluster: Optional[Clu
             summary["files"].append(path.name)
         fig_data = layer_figures(trace, pos, window, m if nodes_ok else None)
         if cluster is not None:
-            fig_data["imbalance_cost"] = imbalance_cost(trace, pos, cluster)
+            fig_data["routing_cost"] = routing_cost(trace, pos, cluster)
         summary["layers"].append(fig_data)
     fig, axes = plt.subplots(len(h.layers), 1, figsize=(7, 2.4 * len(h.layers)), squeeze=False)
     for ax, pos in zip(axes[:, 0], range(len(h.layers))):
@@ -244,15 +244,15 @@ def format_summary(s: dict[str, Any], fabric_md: str = "") -> str:
                          "similarity of traffic matrices / share kept vs fresh regions): " +
                          ", ".join(f"{lag}: {v['similarity']:.3f} / {v['retained']:.3f}"
                                    for lag, v in d["stability"].items()) + ".")
-        ic = d.get("imbalance_cost")
+        ic = d.get("routing_cost")
         if ic:
             lines.append(
                 f"Cost of the real routing vs balanced (performance model, EP group 0): stock "
                 f"Megatron (sync) {ic['sync_real_ms']:.3f} vs {ic['sync_balanced_ms']:.3f} ms "
-                f"({ic['sync_cost_of_imbalance']:.2f}x), FasterMoE smart "
+                f"({ic['sync_real_over_balanced']:.2f}x), FasterMoE smart "
                 f"g={int(ic['smart_group_size'])} "
                 f"{ic['smart_real_ms']:.3f} vs {ic['smart_balanced_ms']:.3f} ms "
-                f"({ic['smart_cost_of_imbalance']:.2f}x).")
+                f"({ic['smart_real_over_balanced']:.2f}x).")
         lines.append("")
     if fabric_md:
         lines += ["## Fabric what-ifs (performance model)", "", fabric_md]

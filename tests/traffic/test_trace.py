@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moe_ext.traffic.replay import replay_counts, routing_for_counts, scale_counts
+from megatron_moe_ext.traffic.replay import (
+    replay_counts,
+    replay_routing,
+    routing_for_counts,
+    scale_counts,
+)
 from megatron_moe_ext.traffic.trace import (
     TRACE_FILE,
     TraceHeader,
@@ -97,6 +102,10 @@ def test_replay_reproduces_the_recorded_counts_exactly(tmp_path: Path) -> None:
             top = torch.topk(bias, 2, dim=1).indices
             chosen = torch.zeros_like(rmap).scatter_(1, top, True)
             assert torch.equal(chosen, rmap)
+    for it, row, rmap, _ in replay_routing(tr, rank=1, layer=1, group=0):
+        assert np.array_equal(row, recs[it][0, 1]) and rmap.sum(0).tolist() == row.tolist()
+    scaled = list(replay_routing(tr, rank=0, num_tokens=10))
+    assert all(r.sum() == 20 and m.shape == (10, 8) for _, r, m, _ in scaled)
     with pytest.raises(ValueError, match="layer 2 is not in the trace"):
         tr.layer_counts(2)
 
