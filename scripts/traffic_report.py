@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oversub", type=float, default=2.0, help="oversubscription of the tree")
     p.add_argument("--region", type=int, help="region size k of the reconfigurable fabric")
     p.add_argument("--ports", type=int, default=2, help="circuit ports per worker")
-    p.add_argument("--reconfig-every", type=int, default=1, metavar="R",
+    p.add_argument("--reconfig-every", type=int, default=8, metavar="R",
                    help="iterations between circuit reassignments")
     p.add_argument("--delay-ms", type=float, default=1.0, help="reconfiguration delay")
     args = p.parse_args(argv)

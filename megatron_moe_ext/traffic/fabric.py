@@ -19,7 +19,7 @@ nodes of the cluster keep their internal links (vertex ``pcie0`` of node r becom
 - ``reconfigurable``: the oversubscribed tree plus optical circuits (kind ``ocs``): every
   worker has ``ports`` circuit ports of ``ocs_gbps``; every R iterations the workers are
   partitioned into regions of k (:func:`..locality.best_regions`) and each region's ports are
-  given to its heaviest pairs (greedy, a pair may get several circuits) on the traffic of the
+  given to its heaviest pairs of workers on different nodes (greedy, a pair may get several circuits) on the traffic of the
   previous R iterations (the first window uses its own); each reconfiguration costs
   ``delay_ms``, charged once per window.
 
@@ -113,16 +113,19 @@ def tree_fabric(spec: ClusterSpec, num_workers: int, nic_gbps: float, oversub: f
     return _flat(spec, nodes, links, label)
 
 
-def assign_circuits(T: np.ndarray, k: int, ports: int) -> dict[tuple[int, int], int]:
+def assign_circuits(T: np.ndarray, k: int, ports: int,
+                    workers_per_node: int = 1) -> dict[tuple[int, int], int]:
     """{(a, b): circuits} within best regions of k: repeatedly the pair with the most traffic
     per circuit (S / (circuits + 1); ties: the most free ports, then the lowest ids) while
-    both ends have a free port."""
+    both ends have a free port. Pairs inside one node (``workers_per_node``) get none: their
+    traffic stays on the node's own links."""
     t = np.asarray(T, dtype=float)
     S = t + t.T
     regions = best_regions(t, k)
     free = np.full(t.shape[0], ports)
     pairs = [(a, b) for a in range(len(S)) for b in range(a + 1, len(S))
-             if regions[a] == regions[b] and S[a, b] > 0]
+             if regions[a] == regions[b] and S[a, b] > 0
+             and a // workers_per_node != b // workers_per_node]
     out: dict[tuple[int, int], int] = {}
     while True:
         open_pairs = [(a, b) for a, b in pairs if free[a] and free[b]]
@@ -202,7 +205,7 @@ def _predict(counts: np.ndarray, ep: int, topo: Topology, H: int, alpha: float,
 
 def evaluate_fabrics(trace: RoutingTrace, cluster: ClusterSpec, *, nic_gbps: Optional[float] = None,
                      oversub: float = 2.0, rack_nodes: int = 1, region: Optional[int] = None,
-                     ports: int = 2, ocs_gbps: Optional[float] = None, reconfig_every: int = 1,
+                     ports: int = 2, ocs_gbps: Optional[float] = None, reconfig_every: int = 8,
                      delay_ms: float = 1.0, H: Optional[int] = None,
                      alpha: Optional[float] = None, dtype: Optional[str] = None,
                      max_records: int = 32) -> list[FabricResult]:
@@ -248,7 +251,8 @@ def evaluate_fabrics(trace: RoutingTrace, cluster: ClusterSpec, *, nic_gbps: Opt
         window = recs[j * reconfig_every:(j + 1) * reconfig_every]
         seen = recs[max(0, j - 1) * reconfig_every:max(1, j) * reconfig_every]
         T = sum(traffic_matrix(c, h.ep_size) for rec in seen for c in rec)
-        topo = Topology(with_circuits(base, assign_circuits(T, k, ports), ocs))
+        circuits = assign_circuits(T, k, ports, cluster.workers_per_node)
+        topo = Topology(with_circuits(base, circuits, ocs))
         for rec in window:
             res = [_predict(c, h.ep_size, topo, H, alpha, dtype) for c in rec]
             per_call.append([x[0] for x in res])
@@ -278,7 +282,7 @@ def format_fabrics(results: Sequence[FabricResult], link_gbps: float) -> str:
         if r.cost_usd and ref.cost_usd:
             ratio = f"{(ref.iteration_ms / r.iteration_ms) / (r.cost_usd / ref.cost_usd):.2f}x"
         cost = f"{r.cost_usd:,.0f}" if r.cost_usd is not None else "n/a"
-        lines.append(f"| {r.name} | {r.layer_ms:.3f} | {r.iteration_ms:.2f} | "
+        lines.append(f"| {r.name} | {r.layer_ms:.4g} | {r.iteration_ms:.4g} | "
                      f"{100 * r.comm_share:.0f}% | {cost} | {ratio} |")
     lines.append(f"\nmFabric (published, packet-level simulation of 4 MoE models): "
                  f"{lo}-{hi}x performance per dollar over a non-blocking fat-tree at {rate} "

@@ -15,12 +15,13 @@ from megatron_moe_ext.traffic import fabric as fb
 from megatron_moe_ext.traffic.trace import RoutingTrace, TraceHeader
 
 
-def _block_trace(W: int = 16, E: int = 16, iters: int = 4) -> RoutingTrace:
-    """Workers of each aligned block of 4 route only to the experts of their block."""
+def _pair_trace(W: int = 16, E: int = 16, iters: int = 4) -> RoutingTrace:
+    """Worker w routes half its tokens to its own expert, half to worker w + 8's (the same
+    local index on the other node of johnny): heavy cross-node pairs."""
     counts = np.zeros((iters, 1, W, E), dtype=np.int32)
     for w in range(W):
-        b = w // 4
-        counts[:, 0, w, 4 * b:4 * b + 4] = 64
+        counts[:, 0, w, w] = 64
+        counts[:, 0, w, (w + W // 2) % W] = 64
     h = TraceHeader(num_workers=W, num_experts=E, layers=(1,), topk=1, ep_size=W,
                     meta={"hidden_size": 256, "ffn_hidden_size": 512, "precision": "fp32"})
     return RoutingTrace(h, np.arange(iters), np.ones(iters, np.int32), counts)
@@ -45,18 +46,20 @@ def test_circuits_go_to_the_heaviest_pairs_inside_regions() -> None:
     assert fb.assign_circuits(T, k=2, ports=2) == {(0, 1): 2, (2, 3): 2}
     c4 = fb.assign_circuits(T, k=4, ports=1)
     assert c4 == {(0, 1): 1, (2, 3): 1}
+    # workers 0, 1 share a node (2 per node): their pair gets no circuit
+    assert fb.assign_circuits(T, k=4, ports=1, workers_per_node=2) == {(0, 2): 1, (1, 3): 1}
 
 
 def test_fabrics_order_and_cost() -> None:
     spec = dataclasses.replace(load_cluster("johnny"), link_costs={
         "nic": LinkCost(usd=100, usd_per_gbps=10), "uplink": LinkCost(usd_per_gbps=10),
         "ocs": LinkCost(usd=200), "pcie": LinkCost(), "qpi": LinkCost()})
-    res = {r.name: r for r in fb.evaluate_fabrics(_block_trace(), spec, nic_gbps=50, oversub=4,
+    res = {r.name: r for r in fb.evaluate_fabrics(_pair_trace(), spec, nic_gbps=50, oversub=4,
                                                   region=4, ports=2, delay_ms=0.0)}
     ft, ov = res["fat-tree"], res["oversubscribed 4:1"]
     rc = res["reconfigurable k=4"]
     assert ft.layer_ms <= ov.layer_ms + 1e-12
-    assert rc.layer_ms < ov.layer_ms  # block-local traffic rides the circuits
+    assert rc.layer_ms < 0.5 * ov.layer_ms  # the cross-node pairs ride their circuits
     # fat-tree: 16 NICs of 50 G (100 + 500 USD) + 2 uplinks of 400 G (4000 USD)
     assert ft.cost_usd == pytest.approx(16 * 600 + 2 * 4000)
     assert ov.cost_usd == pytest.approx(16 * 600 + 2 * 1000)
@@ -64,6 +67,6 @@ def test_fabrics_order_and_cost() -> None:
     assert res["described"].cost_usd == pytest.approx(2 * 600)
     table = fb.format_fabrics(list(res.values()), 50)
     assert "1.2-1.5x" in table and "reconfigurable k=4" in table
-    no_price = fb.evaluate_fabrics(_block_trace(), load_cluster("johnny"), region=4)
+    no_price = fb.evaluate_fabrics(_pair_trace(), load_cluster("johnny"), region=4)
     assert all(r.cost_usd is None for r in no_price)
     assert "n/a (no link_costs)" in fb.format_fabrics(no_price, 50)
