@@ -18,8 +18,8 @@ nodes of the cluster keep their internal links (vertex ``pcie0`` of node r becom
 - ``oversubscribed``: the same tree with uplinks divided by ``oversub``.
 - ``reconfigurable``: the oversubscribed tree plus optical circuits (kind ``ocs``): every
   worker has ``ports`` circuit ports of ``ocs_gbps``; every R iterations the workers are
-  partitioned into regions of k (:func:`..locality.best_regions`) and each region's ports are
-  given to its heaviest pairs of workers on different nodes (greedy, a pair may get several circuits) on the traffic of the
+  partitioned into regions of k (:func:`..locality.best_regions` on the inter-node traffic)
+  and each region's ports are given to its heaviest pairs of workers on different nodes (greedy, a pair may get several circuits) on the traffic of the
   previous R iterations (the first window uses its own); each reconfiguration costs
   ``delay_ms``, charged once per window.
 
@@ -117,9 +117,12 @@ def assign_circuits(T: np.ndarray, k: int, ports: int,
                     workers_per_node: int = 1) -> dict[tuple[int, int], int]:
     """{(a, b): circuits} within best regions of k: repeatedly the pair with the most traffic
     per circuit (S / (circuits + 1); ties: the most free ports, then the lowest ids) while
-    both ends have a free port. Pairs inside one node (``workers_per_node``) get none: their
-    traffic stays on the node's own links."""
-    t = np.asarray(T, dtype=float)
+    both ends have a free port. Pairs inside one node (``workers_per_node``) get none (their
+    traffic stays on the node's own links) and the regions are chosen on the traffic
+    between nodes."""
+    t = np.asarray(T, dtype=float).copy()
+    node = np.arange(t.shape[0]) // workers_per_node
+    t[node[:, None] == node[None, :]] = 0.0  # regions are chosen on the inter-node traffic
     S = t + t.T
     regions = best_regions(t, k)
     free = np.full(t.shape[0], ports)
