@@ -216,7 +216,7 @@ def plan_layouts(cfg: Config, cluster: ClusterSpec, world_size: Optional[int] = 
             reason = f"config: {exc}"
         if reason is None and cap is not None and mem["total_gib"] > cap:
             reason = (f"memory: {mem['total_gib']:.2f} GiB per GPU > {cap:g} GiB (experts "
-                      f"{mem['expert_params'] / 1e6:,.0f}M params on each GPU at ep={ep})")
+                      f"{ds._n(mem['expert_params'])} params on each GPU at ep={ep})")
         kappa = moe_layers * nmb
         if popularity is None:
             layer_counts = [make_counts(ep, E, tokens, k)]

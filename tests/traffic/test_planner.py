@@ -92,3 +92,35 @@ def test_fastermoe_searches_group_sizes_and_a_skewed_popularity_costs_more() -> 
     skewed = {c.label: c.layer_ms for c in plan_layouts(_cfg("moe.impl=fastermoe"), spec,
                                                          popularity=skew)}
     assert skewed["ep=4 packed smart s=1"] > balanced["ep=4 packed smart s=1"]
+
+
+def test_pretrain_describe_plan_layout_cli(tmp_path) -> None:
+    """The hook: --describe --plan-layout --cluster C --json PATH prints the ranking and adds
+    it to the describe JSON; without --describe the flag is an error."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from megatron_moe_ext.perf.cluster import save_cluster
+    from tests.helpers import REPO
+
+    spec = dataclasses.replace(cluster_spec_from_dict(PAIR), memory_gib=0.0149)  # between ep=2 and ep=1 (0.01476, 0.01501)
+    save_cluster(spec, tmp_path / "pair.yaml")
+    args = [sys.executable, str(REPO / "pretrain_gpt_moe.py"), "--describe", "--plan-layout",
+            "--cluster", str(tmp_path / "pair.yaml"), "--json", str(tmp_path / "d.json"),
+            "--world-size", "4", "model.num_layers=1", "model.hidden_size=64",
+            "model.ffn_hidden_size=128", "model.num_attention_heads=4", "model.seq_length=256",
+            "model.vocab_size=128", "moe.num_experts=4", "moe.topk=1",
+            "moe.router.pre_softmax=true", "train.micro_batch_size=4",
+            "train.global_batch_size=16", "data.mock=true", "parallel.expert=2"]
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 ep=2 packed sync" in proc.stdout and "rejected ep=1: memory:" in proc.stdout
+    doc = json.loads((tmp_path / "d.json").read_text())
+    assert "memory_per_gpu" in doc and doc["layout_plan"]["candidates"][0]["label"] == \
+        "ep=2 packed sync"
+    bad = subprocess.run([a for a in args if a != "--describe"], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=300)
+    assert bad.returncode == 2 and "--plan-layout only apply with --describe" in bad.stderr
