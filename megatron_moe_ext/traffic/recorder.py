@@ -18,6 +18,7 @@ mode; neither is counted.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,6 +52,8 @@ class RoutingTraceRecorder:
         self._calls: dict[int, int] = {}
         self._choices: dict[int, torch.Tensor] = {}
         self._handles = []
+        self.overhead_s = 0.0
+        """Host seconds spent in the hooks and :meth:`record` (the recorder's own cost)."""
         num_experts = None
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
@@ -76,6 +79,7 @@ class RoutingTraceRecorder:
         """Accumulate one micro-batch's per-expert counts (reset at an iteration's first)."""
         if not module.training or not torch.is_grad_enabled():
             return  # evaluation, or activation recomputation replaying the router
+        t0 = time.perf_counter()
         layer = int(module.layer_number)
         routing_map = output[1].detach()
         c = routing_map.sum(dim=0, dtype=torch.int64)
@@ -87,12 +91,23 @@ class RoutingTraceRecorder:
                 self._choices[layer] = _choices(routing_map, self.choice_tokens, self.topk)
         else:
             self._acc[layer] = self._acc[layer] + c
+        self.overhead_s += time.perf_counter() - t0
 
     def record(self, iteration: int) -> None:
         """Gather the last iteration's counts over the group; rank 0 appends a record.
 
         Every rank of the group must call it (it is a collective).
         """
+        t0 = time.perf_counter()
+        try:
+            self._record(iteration)
+        finally:
+            self.overhead_s += time.perf_counter() - t0
+        logger.debug("routing trace: iteration %d recorded (recorder time so far %.1f ms)",
+                     iteration, 1e3 * self.overhead_s)
+
+    def _record(self, iteration: int) -> None:
+        """:meth:`record` without the timing."""
         missing = [k for k in self.layers if k not in self._acc]
         if missing:
             raise RuntimeError(f"routing trace: layers {missing} were not run this iteration")

@@ -168,6 +168,12 @@ def build_report(trace: RoutingTrace, out_dir: str | Path, cluster: Optional[Clu
         if cluster is not None:
             fig_data["routing_cost"] = routing_cost(trace, pos, cluster)
         summary["layers"].append(fig_data)
+    if trace.choices is not None and len(h.layers) > 1:
+        recs = [c for c in trace.choices if c is not None]
+        summary["transitions"] = {
+            f"{h.layers[p]}->{h.layers[p + 1]}": loc.successor_share(sum(
+                loc.transitions(c[p], c[p + 1], h.num_experts) for c in recs))
+            for p in range(len(h.layers) - 1)}
     fig, axes = plt.subplots(len(h.layers), 1, figsize=(7, 2.4 * len(h.layers)), squeeze=False)
     for ax, pos in zip(axes[:, 0], range(len(h.layers))):
         pop = loc.expert_popularity(trace.counts[:, pos].astype(float))  # [I, E]
@@ -254,6 +260,11 @@ def format_summary(s: dict[str, Any], fabric_md: str = "") -> str:
                 f"{ic['smart_real_ms']:.3f} vs {ic['smart_balanced_ms']:.3f} ms "
                 f"({ic['smart_real_over_balanced']:.2f}x).")
         lines.append("")
+    if s.get("transitions"):
+        lines += ["## Consecutive layers", "", "Share of a token's expert pairs (layer l, l+1) "
+                  "that go to the most frequent successor of the layer-l expert (recorded "
+                  "tokens; about 1 / E when the layers are independent): " + ", ".join(
+                      f"{k}: {100 * v:.1f}%" for k, v in s["transitions"].items()) + ".", ""]
     if fabric_md:
         lines += ["## Fabric what-ifs (performance model)", "", fabric_md]
     elif s.get("fabrics_skipped"):

@@ -83,3 +83,16 @@ def test_similarity_and_stability() -> None:
     st = loc.stability(flip, k=2, lags=(1, 2))
     assert st[1]["retained"] < 0.9 and st[2]["retained"] == pytest.approx(1.0)
     assert loc.windows(flip, 2).shape == (2, 8, 8)
+
+
+def test_transitions_between_consecutive_layers() -> None:
+    """Tokens {0,1}->{1,2}, {2}->{2,3}, {3,0}->{1}: pairs (0,1) (0,2) (1,1) (1,2) (2,2) (2,3)
+    (3,1) (0,1); most frequent successors 0->1 (2), 1->1 or 2 (1), 2->2 or 3 (1), 3->1 (1):
+    5 of 8 transitions."""
+    a = np.array([[0, 1], [2, -1], [3, 0]])  # [t=3, k=2], -1: no expert
+    b = np.array([[1, 2], [2, 3], [1, -1]])
+    M = loc.transitions(a, b, 4)
+    assert M.tolist() == [[0, 2, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]]
+    assert loc.successor_share(M) == 5 / 8
+    top1 = np.array([[0], [1], [2], [3], [0]])
+    assert loc.successor_share(loc.transitions(top1, (top1 + 1) % 4, 4)) == 1.0
