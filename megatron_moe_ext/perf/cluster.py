@@ -27,6 +27,10 @@ name such as ``johnny`` resolves in a checkout and after ``pip install .`` alike
 :func:`load_cluster` reads a file, :func:`save_cluster` writes one (the inverse:
 ``load_cluster(p)`` after ``save_cluster(spec, p)`` equals ``spec``; comments are not kept).
 
+Two optional keys serve the traffic tools (megatron_moe_ext/traffic/, docs/traffic.md):
+``memory_gib`` (memory of one worker, the layout planner's constraint) and ``link_costs``
+(``{kind: {usd, usd_per_gbps}}``, prices for the fabric what-ifs' performance per cost).
+
 Calibrated files (``scripts/calibrate.py``) carry a ``calibration`` mapping recording where
 and how they were measured; :func:`calibration_note` says when it was another machine. The
 shipped ``local-cpu.yaml`` is such a calibration, made on 2026-11-22 on a 2-core CPU VM that

@@ -70,3 +70,28 @@ def test_fabrics_order_and_cost() -> None:
     no_price = fb.evaluate_fabrics(_pair_trace(), load_cluster("johnny"), region=4)
     assert all(r.cost_usd is None for r in no_price)
     assert "n/a (no link_costs)" in fb.format_fabrics(no_price, 50)
+
+
+def test_cluster_link_costs_and_memory_round_trip(tmp_path) -> None:
+    """The optional cluster keys link_costs and memory_gib: loaded, written back, validated."""
+    from megatron_moe_ext.perf.cluster import (
+        ClusterSpecError,
+        cluster_spec_from_dict,
+        cluster_to_dict,
+        save_cluster,
+    )
+    from tests.helpers import REPO
+
+    spec = load_cluster(REPO / "docs/data/traffic/johnny-priced.yaml")
+    assert spec.memory_gib == 32 and spec.link_costs["ocs"] == LinkCost(usd=500)
+    assert spec.link_costs["nic"].price(100, count=2) == 2 * (200 + 10 * 100)
+    save_cluster(spec, tmp_path / "p.yaml")
+    assert load_cluster(tmp_path / "p.yaml") == spec
+    base = cluster_to_dict(load_cluster("johnny"))
+    assert "link_costs" not in base and "memory_gib" not in base  # optional: absent stays absent
+    with pytest.raises(ClusterSpecError, match="link_costs.nic.usd_per_gbps"):
+        cluster_spec_from_dict(dict(base, link_costs={"nic": {"usd_per_gbps": -1}}))
+    with pytest.raises(ClusterSpecError, match=r"link_costs.nic.price: unknown key"):
+        cluster_spec_from_dict(dict(base, link_costs={"nic": {"price": 3}}))
+    with pytest.raises(ClusterSpecError, match="memory_gib"):
+        cluster_spec_from_dict(dict(base, memory_gib=0))
