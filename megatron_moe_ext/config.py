@@ -82,6 +82,12 @@ class ModelConfig:
     """Use a separate output projection instead of the input embedding."""
     bert_binary_head: bool = True
     """BERT only: train the sentence-order prediction head."""
+    transformer_impl: str = "auto"
+    """Layer implementation: `transformer_engine` (megatron-core's Transformer Engine specs:
+    TE linears, fused / flash attention, TE norms; needs TE and CUDA), `local` (megatron-core's
+    torch modules) or `auto` (TE when it imports and the device is CUDA, else local; one log
+    line says which). On CUDA Megatron's fusions are on where their dependencies exist, on the
+    CPU they are off (see megatron_moe_ext/megatron/specs.py)."""
 
 
 @dataclass
@@ -174,6 +180,11 @@ class MoEConfig:
     """Pad every expert's input to its capacity (needs capacity_factor)."""
     drop_policy: str = "probs"
     """Which tokens are dropped over capacity: `probs` (lowest probability) or `position`."""
+    grouped_gemm: bool = False
+    """Run the local experts as grouped GEMMs instead of one GEMM pair per expert: TE's
+    TEGroupedMLP with model.transformer_impl transformer_engine, else our grouped experts on
+    torch.nn.functional.grouped_mm (CPU and GPU; hidden and expert FFN sizes must be multiples
+    of 8). Same parameters and checkpoint layout as the sequential experts, both moe.impl."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Router settings."""
     fastermoe: FasterMoEConfig = field(default_factory=FasterMoEConfig)
@@ -313,6 +324,13 @@ class LoggingConfig:
     """wandb settings."""
     level: str = "INFO"
     """Log level of rank 0 (others log warnings only)."""
+    imbalance_source: str = "auto"
+    """Per-rank expert compute time behind the imbalance cost of each MoE layer: `measured`
+    (forward expert time timed on every rank, backward taken as 2x forward), `estimated` (from
+    the routed loads with the performance model on moe.fastermoe.cluster) or `auto` (measured
+    where the experts are per-expert modules, else estimated)."""
+    hot_experts: int = 3
+    """How many of the most loaded experts each MoE layer's record names (`hot_experts`)."""
     routing_trace: bool = False
     """Write the routing trace: per logged iteration and MoE layer, the all-gathered [W, E]
     token counts (W data-parallel ranks, E experts) to `<logging.dir>/routing_trace.bin`
@@ -488,7 +506,17 @@ def validate(cfg: Config) -> None:
             f"model.num_attention_heads={m.num_attention_heads} must divide "
             f"model.hidden_size={m.hidden_size}"
         )
+    _choice("model.transformer_impl", m.transformer_impl, ["auto", "transformer_engine", "local"])
     _choice("moe.impl", moe.impl, ["megatron", "fastermoe"])
+    if not isinstance(moe.grouped_gemm, bool):
+        raise ConfigError(f"config key 'moe.grouped_gemm': {moe.grouped_gemm!r} must be true or false")
+    if moe.grouped_gemm:
+        ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+        if m.hidden_size % 8 or ffn % 8:
+            raise ConfigError(
+                f"moe.grouped_gemm: true needs model.hidden_size ({m.hidden_size}) and the expert "
+                f"FFN size (moe.ffn_hidden_size or model.ffn_hidden_size: {ffn}) to be multiples "
+                "of 8 (grouped_mm's 16-byte row alignment in bf16)")
     _choice("moe.token_dispatcher", moe.token_dispatcher, ["alltoall", "allgather"])
     _choice("moe.drop_policy", moe.drop_policy, ["probs", "position"])
     _choice("moe.router.type", moe.router.type, ["topk", "topology_aware"])
@@ -569,6 +597,13 @@ def validate(cfg: Config) -> None:
     _positive("logging.interval", cfg.logging.interval)
     _choice("logging.level", cfg.logging.level, ["DEBUG", "INFO", "WARNING", "ERROR"])
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["offline", "online", "disabled"])
+    _choice("logging.imbalance_source", cfg.logging.imbalance_source,
+            ["auto", "measured", "estimated"])
+    _positive("logging.hot_experts", cfg.logging.hot_experts)
+    if cfg.logging.tensorboard:
+        _require_package("logging.tensorboard: true", "tensorboard", "tensorboard==2.21.0")
+    if cfg.logging.wandb.enabled:
+        _require_package("logging.wandb.enabled: true", "wandb", "wandb==0.31.0")
     _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
     _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
     _positive("logging.routing_trace_tokens", cfg.logging.routing_trace_tokens, allow_zero=True)
@@ -577,6 +612,19 @@ def validate(cfg: Config) -> None:
     if cfg.logging.routing_trace and cfg.parallel.pipeline > 1:
         raise ConfigError("logging.routing_trace: pipeline parallel > 1 is not supported yet "
                           f"(parallel.pipeline={cfg.parallel.pipeline}); set it to false")
+
+
+def _require_package(setting: str, module: str, pin: str) -> None:
+    """A requested optional writer whose package is not importable is a config error."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules as None: import blocked
+        found = False
+    if not found:
+        raise ConfigError(f"config key '{setting.split(':')[0]}': {setting} needs the "
+                          f"'{module}' package, which is not installed: pip install {pin}")
 
 
 def _validate_topology_gate(r: RouterConfig) -> None:

@@ -292,7 +292,7 @@ def predict(cfg: Config, cluster: str, tokens_per_worker: int,
     """Per-MoE-layer latency and roofline position for sync EP and the smart schedule,
     balanced routing (perf/model.py predict_layer)."""
     from megatron_moe_ext.perf.model import ideal_throughput, predict_layer, semi_ideal_throughput
-    from megatron_moe_ext.perf.roofline import make_counts
+    from megatron_moe_ext.routing import zipf_counts
     from megatron_moe_ext.perf.topology import (
         calibration_note,
         ep_topology,
@@ -318,7 +318,7 @@ def predict(cfg: Config, cluster: str, tokens_per_worker: int,
     H, n = s["H"], topo.num_workers
     alpha = s["expert"] / (2.0 * H * H)  # perf model: 2 alpha H^2 MACs per token and expert
     dtype = cfg.train.precision
-    counts = make_counts(n, cfg.moe.num_experts, tokens_per_worker, cfg.moe.topk)
+    counts = zipf_counts(n, cfg.moe.num_experts, tokens_per_worker, cfg.moe.topk)
     g = min(cfg.moe.fastermoe.group_size, n)
     if n % g:
         note += f"; group_size {g} does not divide {n}, smart schedule uses 1"

@@ -18,11 +18,8 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_moe_ext.emulation.netns import (  # noqa: E402
+from megatron_moe_ext.emulation.netns import (
     EmulatedCluster,
     EmulationError,
     EmulationUnavailable,
@@ -30,7 +27,7 @@ from megatron_moe_ext.emulation.netns import (  # noqa: E402
     cleanup,
     measure_local_gemm_tflops,
 )
-from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster  # noqa: E402
+from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster
 
 
 class Interrupted(BaseException):

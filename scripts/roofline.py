@@ -15,11 +15,13 @@ dynamic shadowing (``shadow``, Algorithm 1) and both (``smart+shadow``). Each be
 Shapes come from the config: H = model.hidden_size, alpha = expert parameters / (2 H^2)
 (= moe.ffn_hidden_size / H for gelu), E = moe.num_experts, top-k, tokens per worker per layer
 = train.micro_batch_size x model.seq_length (--tokens overrides), dtype = train.precision.
-The expert-parallel group is parallel.expert workers (--ep overrides): the whole cluster, or
-its first parallel.expert / workers_per_node nodes. Skewed routing: expert popularity
-~ 1 / rank^skew, ranks permuted by --seed, each worker draws its copies from a multinomial
-(perf/roofline.py make_counts). Bound = the artifact's per-layer fwd+bwd bound of the smart
-schedule, (4A + 3C) / (max(2A, C) + max(2A, 2C)), from the sync prediction's A and C.
+The expert-parallel group is parallel.expert workers (--ep overrides) on the layer's own
+mapping (perf.topology.ep_topology): the whole cluster, its first parallel.expert /
+workers_per_node nodes, or a stand-in. Skewed routing: the benchmark's exact Zipf counts
+(megatron_moe_ext/routing.py zipf_counts: popularity ~ 1 / rank^skew, the same copies per
+expert on every worker), popularity ranks permuted over the experts by --seed. Bound = the
+artifact's per-layer fwd+bwd bound of the smart schedule, (4A + 3C) / (max(2A, C) +
+max(2A, 2C)), from the sync prediction's A and C.
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from megatron_moe_ext.bench.roofline_table import analyse, format_table, points_json
 
-logger = logging.getLogger("roofline")
+REPO = Path(__file__).resolve().parents[1]  # default model config
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -63,99 +63,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_from_config(path: str, tokens: Optional[int] = None,
-                      dtype: Optional[str] = None):
-    """(MoEModelConfig, Config) of one model YAML."""
-    from megatron_moe_ext.config import load_config
-    from megatron_moe_ext.describe import PAPER_TABLE2, _shapes
-    from megatron_moe_ext.perf.roofline import MoEModelConfig
-
-    cfg = load_config(path)
-    s = _shapes(cfg)
-    stem = Path(path).stem
-    name = PAPER_TABLE2.get(stem, {}).get("name", stem)
-    model = MoEModelConfig(
-        name=name, hidden=s["H"], alpha=s["expert"] / (2.0 * s["H"] ** 2),
-        num_experts=cfg.moe.num_experts, topk=cfg.moe.topk,
-        tokens_per_worker=tokens or cfg.train.micro_batch_size * cfg.model.seq_length,
-        dtype=dtype or cfg.train.precision)
-    return model, cfg
-
-
-def ep_topology(cluster: str, ep: int):
-    """Topology of the expert-parallel group (perf.topology.ep_topology, the layer's rule)."""
-    from megatron_moe_ext.perf.topology import ep_topology as _ep_topology
-
-    if ep < 2:
-        raise SystemExit("roofline: expert parallel size 1 has no all-to-all to model (pass --ep)")
-    return _ep_topology(cluster, ep)
-
-
-def analyse(path: str, args: argparse.Namespace) -> tuple[list, list[dict[str, Any]]]:
-    """(roofline points, table rows) of one model config for balanced + skewed routing."""
-    import dataclasses
-
-    from megatron_moe_ext.perf.model import DTYPE_BYTES, predict_layer, smart_schedule_bound
-    from megatron_moe_ext.perf.roofline import make_counts, roofline_points
-
-    model, cfg = model_from_config(path, args.tokens, args.dtype)
-    ep = args.ep or cfg.parallel.expert
-    topo = ep_topology(args.cluster, ep)
-    n = topo.num_workers
-    if model.num_experts % n:
-        raise SystemExit(f"roofline: {model.num_experts} experts of {path} cannot be split over "
-                         f"{n} workers")
-    g = min(args.group_size or cfg.moe.fastermoe.group_size, n)
-    if n % g:
-        raise SystemExit(f"roofline: group size {g} does not divide {n} workers")
-    points, rows = [], []
-    for skew in [0.0] + [s for s in args.skew if s > 0]:
-        label = model.name if skew == 0 else f"{model.name} skew {skew:g}"
-        m = dataclasses.replace(model, name=label)
-        counts = make_counts(n, m.num_experts, m.tokens_per_worker, m.topk, skew, args.seed)
-        pts = roofline_points(m, topo, zipf=skew, seed=args.seed, group_size=g, counts=counts)
-        points += pts
-        sync = predict_layer(counts, None, m.hidden, m.alpha, DTYPE_BYTES[m.dtype], topo,
-                             m.dtype, schedule="sync")
-        by = {p.variant: p for p in pts}
-        loads = counts.sum(axis=0)
-        row = {
-            "model": model.name, "config": path, "cluster": topo.spec.name, "workers": n,
-            "skew": skew, "hidden": m.hidden, "alpha": m.alpha, "experts": m.num_experts,
-            "topk": m.topk, "tokens_per_worker": m.tokens_per_worker, "dtype": m.dtype,
-            "group_size": g,
-            "expert_load_max_over_mean": float(loads.max() / loads.mean()),
-            "comp_ms": sync.comp_s * 1e3, "a2a_ms": sync.comm_s * 1e3, "r_cc": sync.r_cc,
-            "bound_smart": smart_schedule_bound(sync.comm_s, sync.comp_s),
-            "bound_simple": ((4 * sync.comm_s + 3 * sync.comp_s)
-                             / max(4 * sync.comm_s, 3 * sync.comp_s)),
-            "shadows": list(by["shadow"].shadows),
-        }
-        for v, p in by.items():
-            row[f"{v}_ms"] = p.total_s * 1e3
-            row[f"{v}_tflops"] = p.throughput / 1e12
-            row[f"{v}_r_cc"] = p.r_cc
-            row[f"{v}_speedup"] = by["sync"].total_s / p.total_s
-        rows.append(row)
-    return points, rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    hdr = (f"{'model':<16} {'cluster':<10} {'skew':>4} {'ld max':>6} {'R_CC':>6} {'sync ms':>8} "
-           f"{'smart':>6} {'shadow':>6} {'both':>6} {'bound':>6}  shadows")
-    lines = [hdr, "-" * len(hdr)]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<16} {r['cluster']:<10} {r['skew']:4g} "
-            f"{r['expert_load_max_over_mean']:6.2f} {r['r_cc']:6.2f} {r['sync_ms']:8.2f} "
-            f"{r['smart_speedup']:5.2f}x {r['shadow_speedup']:5.2f}x "
-            f"{r['smart+shadow_speedup']:5.2f}x {r['bound_smart']:5.2f}x  "
-            f"{r['shadows'] if r['shadows'] else '-'}")
-    lines.append("speedups are over sync EP (one MoE layer, fwd+bwd); ld max = max expert load "
-                 "/ mean; bound = smart-schedule per-layer bound (4A+3C)/(max(2A,C)+max(2A,2C))")
-    return "\n".join(lines)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s")
@@ -163,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     points, rows = [], []
     for path in args.config:
-        p, r = analyse(path, args)
+        p, r = analyse(path, args.cluster, args.skew, args.seed, args.tokens, args.ep,
+                       args.group_size, args.dtype)
         points += p
         rows += r
     print(format_table(rows))
@@ -173,10 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         out = {"cluster": args.cluster, "skews": args.skew, "seed": args.seed,
                "png": str(png), "rows": rows,
-               "points": [{"model": p.model, "variant": p.variant, "r_cc": p.r_cc,
-                           "throughput_tflops": p.throughput / 1e12, "total_ms": p.total_s * 1e3,
-                           "peak_tflops": p.peak_flops / 1e12, "shadows": list(p.shadows)}
-                          for p in points]}
+               "points": points_json(points)}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")

@@ -1,8 +1,7 @@
-"""scripts/compare.py on synthetic metrics files: tables, matching steps, wall time, PNG."""
+"""megatron_moe_ext.training.compare (scripts/compare.py) on synthetic metrics files: tables, matching steps, wall time, PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,18 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_moe_ext.training import compare
 from tests.helpers import REPO
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("scripts_compare", REPO / "scripts" / "compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["scripts_compare"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-compare = _module()
 
 
 def _write(path: Path, iters: int, step_s: float, loss0: float, interval: int = 10,
@@ -51,8 +40,7 @@ def runs(tmp_path: Path) -> tuple[Path, Path]:
 def test_tables_and_png(runs: tuple[Path, Path], tmp_path: Path,
                         capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "plots" / "cmp.png"
-    rc = compare.main([str(runs[0].parent), str(runs[1]), "--labels", "base", "fast",
-                       "--out", str(out)])
+    rc = compare.compare_runs([str(runs[0].parent), str(runs[1])], ["base", "fast"], out)
     text = capsys.readouterr().out
     assert rc == 0
     assert "median ms/iter" in text and "base" in text and "fast" in text
@@ -78,14 +66,14 @@ def test_matching_steps_and_wall_time(runs: tuple[Path, Path]) -> None:
 def test_no_common_iteration(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a = _write(tmp_path / "a.jsonl", 30, 0.1, 5.0, interval=10)
     b = _write(tmp_path / "b.jsonl", 35, 0.1, 5.0, interval=7)
-    assert compare.main([str(a), str(b)]) == 0
+    assert compare.compare_runs([str(a), str(b)]) == 0
     assert "no iteration was logged by every run" in capsys.readouterr().out
 
 
 def test_errors(runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert compare.main([str(runs[0])]) == 2
-    assert compare.main([str(runs[0]), str(runs[1]), "--labels", "only-one"]) == 2
-    assert compare.main([str(runs[0]), str(tmp_path / "missing")]) == 2
+    assert compare.compare_runs([str(runs[0])]) == 2
+    assert compare.compare_runs([str(runs[0]), str(runs[1])], ["only-one"]) == 2
+    assert compare.compare_runs([str(runs[0]), str(tmp_path / "missing")]) == 2
     assert "no metrics file" in capsys.readouterr().err
 
 
@@ -93,3 +81,14 @@ def test_help() -> None:
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--labels" in proc.stdout and "--out" in proc.stdout
+
+
+def test_cli_runs(runs: tuple[Path, Path]) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(runs[0]),
+                           str(runs[1]), "--labels", "base", "fast"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "median ms/iter" in proc.stdout and "loss@120" in proc.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "compare.py"), str(runs[0])],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "two or more runs" in bad.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,17 +12,12 @@ import pytest
 import torch
 
 from megatron_moe_ext.config import ConfigError, load_config
+from megatron_moe_ext.dataprep.demo_corpus import build as build_corpus
+from megatron_moe_ext.dataprep.preprocess import PreprocessOptions, preprocess
 from megatron_moe_ext.training import data as D
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = 300
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +36,8 @@ def corpus(tmp_path_factory):
          "--vocab-size", "512", "--split-sentences", "--workers", "2"],
         cwd=REPO, check=True, capture_output=True, text=True,
     )
-    _load_script("preprocess_data").main(
-        ["--input", str(jsonl), "--output-prefix", str(root / "byte" / "corpus"),
-         "--tokenizer-type", "byte", "--log-level", "WARNING"]
-    )
+    preprocess(PreprocessOptions([str(jsonl)], str(root / "byte" / "corpus"),
+                                 tokenizer_type="byte"))
     texts = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
     return {"root": root, "jsonl": jsonl, "texts": texts, "blob": "\x00".join(texts)}
 
@@ -68,9 +60,8 @@ def test_demo_corpus_is_deterministic_and_filtered(corpus, tmp_path):
     assert len(corpus["texts"]) == N_DOCS
     assert all(len(t) >= 100 and t == t.strip() for t in corpus["texts"])
     assert len(set(corpus["texts"])) == N_DOCS
-    build = _load_script("build_demo_corpus")
-    build.main(["--out", str(tmp_path / "a.jsonl"), "--max-docs", "40"])
-    build.main(["--out", str(tmp_path / "b.jsonl"), "--max-docs", "40"])
+    build_corpus(tmp_path / "a.jsonl", 40, 100)
+    build_corpus(tmp_path / "b.jsonl", 40, 100)
     a = (tmp_path / "a.jsonl").read_bytes()
     assert a == (tmp_path / "b.jsonl").read_bytes()
     assert a.splitlines() == corpus["jsonl"].read_bytes().splitlines()[:40]
@@ -116,22 +107,27 @@ def test_preprocess_byte_roundtrip(corpus):
 
 
 def test_preprocess_errors(tmp_path):
-    pre = _load_script("preprocess_data")
     with pytest.raises(SystemExit, match="not found: .*missing.jsonl"):
-        pre.main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "x")])
+        preprocess(PreprocessOptions([str(tmp_path / "missing.jsonl")], str(tmp_path / "x")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "abc"}\n')
     with pytest.raises(SystemExit, match="no key 'text'"):
-        pre.main(["--input", str(bad), "--output-prefix", str(tmp_path / "x")])
+        preprocess(PreprocessOptions([str(bad)], str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="--vocab-size must be > 261"):
+        PreprocessOptions([str(bad)], str(tmp_path / "x"), vocab_size=100)
+    # the front end turns the same check into a usage error
+    proc = subprocess.run([sys.executable, "scripts/preprocess_data.py", "--input", str(bad),
+                           "--output-prefix", str(tmp_path / "x"), "--vocab-size", "100"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--vocab-size must be > 261" in proc.stderr
 
 
 def test_plain_text_input_and_tokenizer_reuse(corpus, tmp_path):
     txt = tmp_path / "t.txt"
     txt.write_text("First paragraph. It has two sentences.\n\nSecond one\nspans two lines.\n")
-    _load_script("preprocess_data").main(
-        ["--input", str(txt), "--output-prefix", str(tmp_path / "out" / "t"),
-         "--tokenizer-path", str(corpus["root"] / "bpe" / "tokenizer.json"),
-         "--log-level", "WARNING"])
+    preprocess(PreprocessOptions(
+        [str(txt)], str(tmp_path / "out" / "t"),
+        tokenizer_path=str(corpus["root"] / "bpe" / "tokenizer.json")))
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tok = D.BPETokenizer(str(tmp_path / "out" / "tokenizer.json"))

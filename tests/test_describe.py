@@ -211,9 +211,12 @@ def test_bad_world_size() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, world_size: str | None = None) -> subprocess.CompletedProcess:
+    """pretrain_gpt_moe.py as a command (WORLD_SIZE unset unless given)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("WORLD_SIZE", None)
+    if world_size is not None:
+        env["WORLD_SIZE"] = world_size
     return subprocess.run([sys.executable, str(REPO / "pretrain_gpt_moe.py"), *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -231,25 +234,14 @@ def test_cli_describe_writes_json(tmp_path: Path) -> None:
     assert d["perf"]["cluster"] == "johnny" and "r_cc" in d["perf"]["sync"]
 
 
-def _main(args: list[str]) -> int:
-    """pretrain_gpt_moe.main in this process (the error paths need no subprocess)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pretrain_gpt_moe", REPO / "pretrain_gpt_moe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod.main(args)
-
-
-def test_cli_describe_errors(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+def test_cli_describe_errors() -> None:
     cfg = str(MODELS / "moe-gpt-s.yaml")
-    assert _main(["--config", cfg, "--describe", "--world-size", "8"]) == 2
-    assert "parallel.expert" in capsys.readouterr().err
-    assert _main(["--config", cfg, "--describe", "--cluster", "nope"]) == 2
-    assert "nope" in capsys.readouterr().err
-    assert _main(["--config", cfg, "--json", "x.json"]) == 2
-    assert "--describe" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "32")
-    assert _main(["--config", cfg, "--describe", "train.global_batch_size=128"]) == 0
-    assert "world 32 = tp 1 x pp 1 x dp 32" in capsys.readouterr().out
+    p = _cli("--config", cfg, "--describe", "--world-size", "8")
+    assert p.returncode == 2 and "parallel.expert" in p.stderr
+    p = _cli("--config", cfg, "--describe", "--cluster", "nope")
+    assert p.returncode == 2 and "nope" in p.stderr
+    p = _cli("--config", cfg, "--json", "x.json")
+    assert p.returncode == 2 and "--describe" in p.stderr
+    p = _cli("--config", cfg, "--describe", "train.global_batch_size=128", world_size="32")
+    assert p.returncode == 0, p.stderr
+    assert "world 32 = tp 1 x pp 1 x dp 32" in p.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megatron_moe_ext.bench.stats import r_squared
+
 # name, description, bench args, extra --set overrides
 VARIANTS = [
     ("schedule", "smart schedule only (shadow never, g=1)",
@@ -45,17 +47,6 @@ TARGET_GAIN_FRACTION = 0.8
 """Issue target: the schedule gets >= 80 % of the gain its model predicts."""
 TARGET_R2 = 0.9
 """Issue target: R^2 of predicted vs measured layer time over the link-rate sweep."""
-
-
-def r_squared(pred, meas) -> float | None:
-    """1 - SS_res / SS_tot of measured values against predictions (the identity line)."""
-    pairs = [(p, m) for p, m in zip(pred, meas) if p is not None and m is not None]
-    if len(pairs) < 3:
-        return None
-    mean = sum(m for _, m in pairs) / len(pairs)
-    ss_tot = sum((m - mean) ** 2 for _, m in pairs)
-    ss_res = sum((m - p) ** 2 for p, m in pairs)
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else None
 
 
 def gain_fraction(measured: float | None, predicted: float | None) -> float | None:
@@ -173,7 +164,7 @@ def sweep_r2(sweep: dict) -> float | None:
         for k in ("m", "f"):
             pred.append(s[f"{k}_pred"])
             meas.append(s[f"{k}_wall"])
-    return r_squared(pred, meas)
+    return r_squared(meas, pred, min_points=3)
 
 
 def target_lines(args, results: dict, sweep: dict) -> list[str]:

@@ -15,14 +15,15 @@ the others values in [0, 0.5), with a seeded jitter so that probabilities are no
 then picks exactly the chosen experts (with softmax or sigmoid scores, pre- or post-softmax); the
 result is checked by :func:`check_forced_routing`. A capacity factor may still drop tokens.
 
-The chosen experts follow a Zipf law with exponent ``skew`` over experts (expert 0 hottest):
-p_e proportional to 1 / (e + 1)^skew, so skew 0 is uniform. Per-expert counts are made exact
-(largest remainder, each capped at T since a token picks distinct experts), so skew 0 with k T
-divisible by E is perfectly balanced; token order is shuffled by a generator seeded identically
-for both implementations.
+The chosen experts follow a Zipf law with exponent ``skew`` over experts (expert 0 hottest),
+with exact per-expert counts from :func:`megatron_moe_ext.routing.zipf_expert_counts` (the one
+generator, also behind the performance-model tools); token order is shuffled by a generator
+seeded identically for both implementations.
 
-Timing helpers for scripts/bench_moe_layer.py live at the end (:class:`Region`, :func:`time_layer`,
-:class:`Alone`, :func:`max_over_ranks`); all ranks must call them together (they use barriers).
+Timing helpers for the layer benchmark (megatron_moe_ext/bench/layer.py) live at the end
+(:class:`Region`, :func:`time_layer`, :class:`Alone`, :func:`max_over_ranks`); all ranks must
+call them together (they use barriers). So does Megatron's parallel state for a benchmark:
+:func:`init_expert_parallel` / :func:`destroy_expert_parallel`.
 
 Notation: T tokens of this rank (S * B), E experts, k top-k, H hidden size.
 """
@@ -34,6 +35,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron_moe_ext.routing import zipf_expert_counts
 
 __all__ = [
     "config_from_overrides",
@@ -48,6 +51,9 @@ __all__ = [
     "time_layer",
     "Alone",
     "max_over_ranks",
+    "init_expert_parallel",
+    "destroy_expert_parallel",
+    "megatron_version",
 ]
 
 
@@ -90,37 +96,6 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
 # --------------------------------------------------------------------------------------
 # Forced routing
 # --------------------------------------------------------------------------------------
-
-
-def zipf_expert_counts(num_tokens: int, num_experts: int, topk: int, skew: float) -> np.ndarray:
-    """Exact token copies per expert [E] (sum k T, each <= T) for a Zipf(skew) law.
-
-    p_e = (e + 1)^-skew / sum; counts by largest remainder of k T p_e; an expert above T
-    (a token cannot pick it twice) is capped and its excess goes to the next experts.
-    """
-    if not 1 <= topk <= num_experts:
-        raise ValueError(f"topk={topk} must be in [1, num_experts={num_experts}]")
-    if skew < 0:
-        raise ValueError(f"skew must be >= 0, got {skew}")
-    total = num_tokens * topk
-    p = (np.arange(num_experts) + 1.0) ** -float(skew)
-    p /= p.sum()
-    counts = np.zeros(num_experts, dtype=np.int64)
-    left = np.ones(num_experts, dtype=bool)
-    remaining = total
-    while remaining > 0:  # water-filling: cap at T, redistribute the excess by p
-        share = remaining * p * left / (p * left).sum()
-        add = np.floor(share).astype(np.int64)
-        rest = remaining - add.sum()
-        order = np.argsort(-(share - add), kind="stable")
-        for e in order[:rest]:
-            add[e] += 1
-        counts += add
-        over = np.maximum(counts - num_tokens, 0)
-        counts -= over
-        left &= counts < num_tokens
-        remaining = int(over.sum())
-    return counts
 
 
 def make_routing(num_tokens: int, num_experts: int, topk: int, skew: float,
@@ -308,3 +283,35 @@ class Alone:
         with Region(self.sync) as bwd:
             y.backward(torch.ones_like(y))
         return fwd, bwd
+
+
+# --------------------------------------------------------------------------------------
+# Megatron's parallel state for the benchmarks (pure expert parallelism)
+# --------------------------------------------------------------------------------------
+
+
+def init_expert_parallel(world: int, seed: int):
+    """Initialise Megatron's model-parallel state with expert parallelism = ``world`` (the
+    default process group must exist) and its RNG tracker with ``seed``; returns the
+    ProcessGroupCollection of the layers. Undo with :func:`destroy_expert_parallel`."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    ps.initialize_model_parallel(expert_model_parallel_size=world)
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_expert_parallel() -> None:
+    """Tear down what :func:`init_expert_parallel` set up."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+
+
+def megatron_version() -> str:
+    """The megatron-core version string ("?" when it has none)."""
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "?")

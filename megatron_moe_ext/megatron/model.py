@@ -13,10 +13,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.models.bert.bert_model import BertModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-)
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -26,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import Config
+from megatron_moe_ext.megatron import specs
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +49,6 @@ def build_transformer_config(cfg: Config, device: str) -> TransformerConfig:
         normalization=m.normalization,
         activation_func=act,
         gated_linear_unit=m.activation == "swiglu",
-        bias_activation_fusion=False,
         add_bias_linear=False,
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
@@ -77,15 +73,8 @@ def build_transformer_config(cfg: Config, device: str) -> TransformerConfig:
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_token_drop_policy=moe.drop_policy,
-        moe_grouped_gemm=False,
-        moe_permute_fusion=False,
-        # Kernels that need CUDA / TE are off; the local (torch) implementations are used.
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        # grouped GEMM and kernel fusions: per transformer impl and device (specs.py)
+        **specs.fusion_settings(cfg, device),
         use_cpu_initialization=device == "cpu",
         perform_initialization=True,
         deterministic_mode=False,
@@ -119,9 +108,7 @@ def _swap_moe(layer_spec: ModuleSpec, moe_cls: type, cfg: Config) -> ModuleSpec:
 
 def gpt_block_spec(cfg: Config, tconf: TransformerConfig, pp_rank: Optional[int] = None):
     """Decoder block spec for GPT with the chosen MoE implementation (local, non-TE modules)."""
-    block = get_gpt_decoder_block_spec(
-        tconf, use_transformer_engine=False, normalization=cfg.model.normalization, pp_rank=pp_rank
-    )
+    block = specs.decoder_block_spec(cfg, tconf, pp_rank=pp_rank)
     moe_cls = _moe_layer_class(cfg)
     return TransformerBlockSubmodules(
         layer_specs=[_swap_moe(s, moe_cls, cfg) for s in block.layer_specs],
@@ -132,10 +119,7 @@ def gpt_block_spec(cfg: Config, tconf: TransformerConfig, pp_rank: Optional[int]
 def bert_layer_spec(cfg: Config) -> ModuleSpec:
     """BERT layer spec with MoE (megatron-core ships none): the local GPT MoE layer with a
     bidirectional padding mask instead of the causal one."""
-    spec = get_gpt_layer_local_spec(
-        num_experts=cfg.moe.num_experts, normalization=cfg.model.normalization
-    )
-    spec = _swap_moe(spec, _moe_layer_class(cfg), cfg)
+    spec = _swap_moe(specs.moe_layer_spec(cfg), _moe_layer_class(cfg), cfg)
     spec.submodules.self_attention.params = dict(
         spec.submodules.self_attention.params or {}, attn_mask_type=AttnMaskType.padding
     )

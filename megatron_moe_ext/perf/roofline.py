@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .model import DTYPE_BYTES, ideal_throughput, predict_layer, semi_ideal_throughput
+from ..routing import zipf_counts
 from .topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -71,28 +72,6 @@ class RooflinePoint:
     """Experts shadowed (shadow variants)."""
 
 
-def make_counts(num_workers: int, num_experts: int, tokens_per_worker: int, topk: int = 1,
-                zipf: float = 0.0, seed: int = 0) -> np.ndarray:
-    """Routing counts [N, E] with tokens_per_worker * topk copies per worker.
-
-    zipf = 0: balanced (each worker spreads its copies evenly, remainder to the lowest ids).
-    zipf > 0: expert popularity ~ 1 / rank^zipf with ranks permuted by ``seed``; each worker
-    draws its copies from a multinomial (deterministic given the seed). Top-k distinctness of
-    a token's experts is not modelled.
-    """
-    total = tokens_per_worker * topk
-    if zipf <= 0:
-        base, rem = divmod(total, num_experts)
-        row = np.full(num_experts, base, dtype=np.int64)
-        row[:rem] += 1
-        return np.tile(row, (num_workers, 1))
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, num_experts + 1) ** zipf
-    probs = weights[rng.permutation(num_experts)]
-    probs /= probs.sum()
-    return rng.multinomial(total, probs, size=num_workers).astype(np.int64)
-
-
 def roofline_points(model: MoEModelConfig, topology: Topology, zipf: float = 0.0,
                     seed: int = 0, group_size: int = 2,
                     counts: Optional[np.ndarray] = None) -> list[RooflinePoint]:
@@ -101,7 +80,7 @@ def roofline_points(model: MoEModelConfig, topology: Topology, zipf: float = 0.0
 
     n = topology.num_workers
     if counts is None:
-        counts = make_counts(n, model.num_experts, model.tokens_per_worker, model.topk,
+        counts = zipf_counts(n, model.num_experts, model.tokens_per_worker, model.topk,
                              zipf, seed)
     b = DTYPE_BYTES[model.dtype]
     shadows = choose_shadows(counts, model.num_experts // n, model.hidden, model.alpha, b,

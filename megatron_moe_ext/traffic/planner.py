@@ -181,7 +181,7 @@ def plan_layouts(cfg: Config, cluster: ClusterSpec, world_size: Optional[int] = 
     routing trace); default balanced routing. The layer time is the mean over those layers.
     """
     from .. import describe as ds
-    from ..perf.roofline import make_counts
+    from ..routing import zipf_counts
 
     W = int(world_size or cluster.num_workers)
     m = cluster.workers_per_node
@@ -219,7 +219,7 @@ def plan_layouts(cfg: Config, cluster: ClusterSpec, world_size: Optional[int] = 
                       f"{ds._n(mem['expert_params'])} params on each GPU at ep={ep})")
         kappa = moe_layers * nmb
         if popularity is None:
-            layer_counts = [make_counts(ep, E, tokens, k)]
+            layer_counts = [zipf_counts(ep, E, tokens, k)]
         else:
             layer_counts = [np.tile(tokens * k * np.asarray(p, dtype=float), (ep, 1))
                             for p in np.atleast_2d(popularity)]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron_moe_ext.config import Config, to_yaml, validate_world
 from megatron_moe_ext.runtime.device import Runtime, launch_info, resolve_device, setup_runtime
 from megatron_moe_ext.training import checkpoint as ckpt
+from megatron_moe_ext.training.metrics import Progress, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Trainer:
         from megatron_moe_ext.training import data as data_mod
         from megatron_moe_ext.training.metrics import (
             ExpertLoadTracker,
+            ImbalanceTracker,
             LayerTimeTracker,
             MetricsWriter,
         )
@@ -190,8 +192,10 @@ class Trainer:
         )
         self.load_tracker = ExpertLoadTracker(self.model, cfg.moe.num_experts)
         self.time_tracker = LayerTimeTracker(self.model)
+        self.imbalance_tracker = ImbalanceTracker(self.model, cfg)
         from megatron_moe_ext.traffic.recorder import recorder_from_config  # logging.routing_trace
-        self.routing_recorder = recorder_from_config(cfg, self.model, self.ps.get_data_parallel_group(), self.num_microbatches)
+        self.routing_recorder = recorder_from_config(
+            cfg, self.model, self.ps.get_data_parallel_group(), self.num_microbatches)
         self.writer = MetricsWriter(cfg, enabled=self.rt.rank == 0)
         self.stop = _StopRequest(cfg.checkpoint.save_on_signal)
         n_params = sum(p.numel() for p in self.model[0].parameters())
@@ -302,6 +306,7 @@ class Trainer:
             m.train()
         self.load_tracker.counts.clear()
         self.time_tracker.collect()
+        self.imbalance_tracker.reset()
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
         clear_aux_losses_tracker()
@@ -315,7 +320,10 @@ class Trainer:
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         dp_group = self.ps.get_data_parallel_group()
         pp_group = self.ps.get_pipeline_model_parallel_group()
-        load = self.load_tracker.collect(dp_group, pp_group)
+        ep_group = self.ps.get_expert_model_parallel_group()
+        matrices = self.load_tracker.count_matrices(ep_group, window)
+        load = self.load_tracker.collect(dp_group, pp_group, window)
+        cost = self.imbalance_tracker.collect(matrices, ep_group, pp_group, window)
         aux = collect_aux_losses(dp_group, pp_group, self.num_microbatches * window)
         timing = self._gather_timing(pp_group, window)
         rec: dict[str, Any] = {
@@ -335,6 +343,7 @@ class Trainer:
                 v,
                 **{name: vals[k - 1] for name, vals in aux.items() if k - 1 < len(vals)},
                 **timing.get(k, {}),
+                **cost.get(k, {}),
             )
             for k, v in load.items()
         }
@@ -365,11 +374,13 @@ class Trainer:
         logger.info("training iterations %d..%d", st.iteration + 1, end)
         window_t, window_n = 0.0, 0
         saved_at = -1
+        progress = Progress()
         while st.iteration < end:
             t0 = time.perf_counter()
             losses, grad_norm, ok = self.train_step()
             dt = time.perf_counter() - t0
             window_t, window_n = window_t + dt, window_n + 1
+            progress.add(dt)
             st.losses.append((st.iteration, losses.get("loss", math.nan)))
             if not ok:
                 logger.warning("iteration %d skipped: non-finite gradients", st.iteration)
@@ -379,9 +390,11 @@ class Trainer:
                     self.routing_recorder.record(st.iteration)
                 self.writer.write(rec)
                 logger.info(
-                    "iter %d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.1f ms/iter | %.0f tokens/s",
+                    "iter %d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.1f ms/iter | "
+                    "%.0f tokens/s | eta %s",
                     st.iteration, tr.iters, rec["loss"], rec["lr"], grad_norm,
                     1e3 * rec["iter_time_s"], rec["tokens_per_s"],
+                    format_duration(progress.eta_s(end - st.iteration)),
                 )
                 window_t, window_n = 0.0, 0
             if tr.eval_interval and st.iteration % tr.eval_interval == 0:

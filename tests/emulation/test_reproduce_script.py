@@ -34,11 +34,15 @@ def test_dry_run_plans_every_variant_and_the_sweep(tmp_path):
     assert "duplex: half" in replica  # gloo's pairs take turns; the model must know
 
 
-def test_r_squared_and_gain_fraction():
-    assert rp.r_squared([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
-    assert rp.r_squared([1, 2, 3], [2, 2, 2]) is None  # no spread in the measurements
-    assert rp.r_squared([2, 2, 2], [1, 2, 3]) == pytest.approx(0.0)
-    assert rp.r_squared([1, 2], [1, 2]) is None  # too few points
+def test_sweep_r2_and_gain_fraction():
+    # sweep_r2 pools both implementations: measured = *_wall, predicted = *_pred
+    sweep = {sc: {"m_wall": w, "m_pred": w, "f_wall": w / 2, "f_pred": w / 2}
+             for sc, w in ((0.01, 1.0), (0.02, 2.0))}
+    assert rp.sweep_r2(sweep) == pytest.approx(1.0)
+    sweep[0.02]["f_pred"] = None  # left out: 3 points remain
+    assert rp.sweep_r2(sweep) == pytest.approx(1.0)
+    sweep[0.02]["m_pred"] = None  # 2 points: too few for the report
+    assert rp.sweep_r2(sweep) is None
     assert rp.gain_fraction(1.2, 1.25) == pytest.approx(0.8)
     assert rp.gain_fraction(0.95, 1.25) == pytest.approx(-0.2)
     assert rp.gain_fraction(1.1, 1.0) is None

@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moe_ext.megatron.layer_builder import (
-    describe_counts,
-    make_routing,
-    zipf_expert_counts,
-)
+from megatron_moe_ext.megatron.layer_builder import describe_counts, make_routing
+from megatron_moe_ext.routing import zipf_expert_counts
 from tests.helpers import REPO
 
 

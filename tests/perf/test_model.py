@@ -9,11 +9,11 @@ from megatron_moe_ext.perf import model as pm
 from megatron_moe_ext.perf.roofline import (
     VARIANTS,
     MoEModelConfig,
-    make_counts,
     plot_roofline,
     roofline_points,
 )
 from megatron_moe_ext.perf.topology import GBIT, Topology, cluster_spec_from_dict
+from megatron_moe_ext.routing import zipf_counts
 from tests.perf.test_topology import two_node_tree
 
 H, ALPHA, B = 250, 2.0, 4  # a token is H * B = 1000 bytes
@@ -133,7 +133,7 @@ def test_smart_schedule_symmetric_star() -> None:
 
 
 def test_smart_with_one_group_equals_sync() -> None:
-    counts = make_counts(4, 8, 1000, 2, zipf=1.2, seed=3)
+    counts = zipf_counts(4, 8, 1000, 2, skew=1.2, seed=3)
     sync = pm.predict_layer(counts, None, H, ALPHA, B, star())
     smart = pm.predict_layer(counts, None, H, ALPHA, B, star(), schedule="smart", group_size=4)
     assert smart.total_s == pytest.approx(sync.total_s)
@@ -143,7 +143,7 @@ def test_smart_never_worse_on_balanced_bundled_clusters() -> None:
     from megatron_moe_ext.perf.topology import build_topology
 
     topo = build_topology("johnny")
-    counts = make_counts(16, 16, 4096, 2)
+    counts = zipf_counts(16, 16, 4096, 2)
     for h in (1024, 2048, 4096):
         sync = pm.predict_layer(counts, None, h, 2.0, 4, topo)
         for g in (1, 2, 4):
@@ -225,14 +225,6 @@ def test_roofline_points_stay_under_ideal(tmp_path) -> None:
                 pm.semi_ideal_throughput(pts[0].peak_flops, pts[0].r_cc))
     out = plot_roofline(pts, topo, tmp_path / "roof.png")
     assert out.exists() and out.stat().st_size > 1000
-
-
-def test_make_counts() -> None:
-    bal = make_counts(4, 6, 100, topk=2)
-    assert bal.sum(axis=1).tolist() == [200] * 4 and bal.max() - bal.min() <= 1
-    z1, z2 = make_counts(4, 8, 1000, 2, zipf=1.5, seed=7), make_counts(4, 8, 1000, 2, 1.5, 7)
-    assert (z1 == z2).all() and z1.sum(axis=1).tolist() == [2000] * 4
-    assert z1.sum(axis=0).max() > 3 * z1.sum(axis=0).mean() / 2
 
 
 @pytest.mark.parametrize("g", [3, 8, 0])

@@ -59,11 +59,8 @@ def test_calibrate_quick_under_torchrun_writes_loadable_cluster(tmp_path):
 
 
 def test_calibrate_duplex_rule():
-    import importlib.util
+    from megatron_moe_ext.bench import calib_cluster as cal
 
-    spec = importlib.util.spec_from_file_location("calibrate", REPO / "scripts" / "calibrate.py")
-    cal = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cal)
     link = {"pingpong_gbps": 0.5, "exchange_gbps": 0.26}
     assert cal.duplex_of({"inter": link, "intra": None}) == ("half", pytest.approx(0.52))
     # the inter-node pairs decide when there are any

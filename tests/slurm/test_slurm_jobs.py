@@ -1,6 +1,6 @@
 """The sbatch scripts on a real two-node Slurm cluster started on this machine.
 
-scripts/slurm/local_cluster.py starts slurmctld, two slurmd (nodes n1, n2, both 127.0.0.1) and a
+megatron_moe_ext/slurm_local.py starts slurmctld, two slurmd (nodes n1, n2, both 127.0.0.1) and a
 private munged in a scratch folder (module fixture, always torn down). The jobs run the real
 entry point: one torchrun per node, one CPU process each (world size 2, gloo, expert parallel 2).
 
@@ -9,7 +9,6 @@ Slurm missing: installed with scripts/install_slurm.sh when root; skipped otherw
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_moe_ext import slurm_local as lc
 from tests.helpers import REPO, free_port
 
 SBATCH = REPO / "scripts/slurm/pretrain.sbatch"
@@ -41,16 +41,6 @@ runtime: {device: cpu, num_threads: 1}
 """
 
 
-def _load_local_cluster():
-    spec = importlib.util.spec_from_file_location(
-        "local_cluster", REPO / "scripts/slurm/local_cluster.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-lc = _load_local_cluster()
 
 
 def _ensure_slurm() -> None:

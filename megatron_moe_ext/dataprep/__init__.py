@@ -1,0 +1,1 @@
+"""Data preparation: the demo corpus and tokenization into Megatron indexed datasets."""
