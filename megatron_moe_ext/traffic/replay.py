@@ -101,3 +101,30 @@ def replay_routing(trace: RoutingTrace, rank: int, layer: Optional[int] = None,
         row = c[rank] if num_tokens is None else scale_counts(c[rank], num_tokens, k)
         rmap, bias = routing_for_counts(row, k, seed=seed + 7919 * it + rank)
         yield it, row, rmap, bias
+
+
+def bench_routing(trace_path: str, rank: int, world: int, num_experts: int, topk: int,
+                  num_tokens: int, layer: Optional[int] = None, record: int = -1,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(routing_map, bias, iteration) of EP rank ``rank`` for the layer benchmark
+    (``--routing-trace``): record ``record`` (an index, negative from the end) of ``layer``,
+    EP group 0; ``num_tokens`` other than the recorded tokens rescales the counts.
+
+    The trace must match the benchmark: EP size = world, E and top-k equal (else ValueError).
+    """
+    from .trace import read_trace
+
+    tr = read_trace(trace_path)
+    h = tr.header
+    if (h.ep_size, h.num_experts, h.topk) != (world, num_experts, topk):
+        raise ValueError(f"routing trace {trace_path}: EP {h.ep_size}, {h.num_experts} experts, "
+                         f"top-{h.topk}; the benchmark has world {world}, {num_experts} experts, "
+                         f"top-{topk} (use --world-size, --experts, --topk)")
+    if not -len(tr) <= record < len(tr):
+        raise ValueError(f"routing trace {trace_path} has {len(tr)} records, no record {record}")
+    it = int(tr.iterations[record])
+    row = np.asarray(tr.layer_counts(layer)[record][rank], dtype=np.int64)
+    if row.sum() != num_tokens * topk:
+        row = scale_counts(row, num_tokens, topk)
+    rmap, bias = routing_for_counts(row, topk, seed=seed, num_tokens=num_tokens)
+    return rmap, bias, it
