@@ -244,7 +244,8 @@ def plan_layouts(cfg: Config, cluster: ClusterSpec, world_size: Optional[int] = 
                 cand.allreduce_ms = ar
                 cand.step_ms = cand.moe_ms + ar
                 out.append(cand)
-    out.sort(key=lambda c: (c.rejected is not None, c.step_ms, c.ep, c.grouping))
+    out.sort(key=lambda c: (c.rejected is not None, round(c.step_ms, 9), c.ep, c.grouping,
+                            c.group_size))
     return out
 
 
@@ -264,16 +265,20 @@ def why_first(cands: Sequence[Candidate]) -> str:
     if abs(a.allreduce_ms - b.allreduce_ms) > 1e-9:
         parts.append(f"expert all-reduce {a.allreduce_ms:.2f} vs {b.allreduce_ms:.2f} ms")
     return (f"{a.label} beats {b.label} by {b.step_ms - a.step_ms:.3f} ms per iteration: "
-            + ("; ".join(parts) or "equal terms (tie broken by smaller ep)")
+            + ("; ".join(parts) or "equal predicted terms (ties: smaller ep, then grouping, then s)")
             + f"; memory {a.memory_gib:.2f} vs {b.memory_gib:.2f} GiB per GPU")
 
 
-def format_plan(cands: Sequence[Candidate], cluster: ClusterSpec, top: int = 12) -> str:
-    """The ranked table, the reason for the winner and the rejected layouts."""
+def format_plan(cands: Sequence[Candidate], cluster: ClusterSpec, top: int = 12,
+                memory_gib: Optional[float] = None) -> str:
+    """The ranked table, the reason for the winner and the rejected layouts (``memory_gib``:
+    the cap given to :func:`plan_layouts`, default the cluster's)."""
     ok = [c for c in cands if c.rejected is None]
     bad = [c for c in cands if c.rejected is not None]
+    mem = memory_gib if memory_gib is not None else cluster.memory_gib
+    cap = f"{mem:g} GiB" if mem else "none (no memory_gib)"
     lines = [f"layout plan on {cluster.name} (Aristos objective: kappa * max_g layer + T_rho; "
-             f"memory cap {cluster.memory_gib if cluster.memory_gib else 'none'} GiB):",
+             f"memory cap {cap}):",
              f"  {'#':>2} {'layout':<26} {'step ms':>9} {'MoE ms':>9} {'a2a/call':>9} "
              f"{'AR ms':>8} {'GiB/GPU':>8}  groups"]
     for i, c in enumerate(ok[:top]):

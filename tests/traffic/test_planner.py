@@ -78,7 +78,8 @@ def test_a_layout_that_does_not_fit_is_refused_with_the_reason() -> None:
     assert f"> {cap:g} GiB" in ep1[0].rejected
     assert all(c.rejected is None for c in cands if c.ep > 1)
     assert cands[-1].ep == 1  # rejected layouts come last
-    text = format_plan(cands, spec)
+    text = format_plan(cands, spec, memory_gib=cap)
+    assert f"memory cap {cap:g} GiB" in text
     assert "rejected ep=1: memory:" in text and text.index("ep=2 packed") < text.index("ep=4")
 
 
