@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.describe:
         return _describe(cfg, args)
     if args.json or args.cluster or args.world_size or args.plan_layout:
-        sys.stderr.write("--json, --cluster, --world-size and --plan-layout only apply with --describe\n")
+        sys.stderr.write("--json, --cluster, --world-size and --plan-layout only apply with "
+                         "--describe\n")
         return 2
     from megatron_moe_ext.training.loop import run
 

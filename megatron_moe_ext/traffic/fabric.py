@@ -19,7 +19,8 @@ nodes of the cluster keep their internal links (vertex ``pcie0`` of node r becom
 - ``reconfigurable``: the oversubscribed tree plus optical circuits (kind ``ocs``): every
   worker has ``ports`` circuit ports of ``ocs_gbps``; every R iterations the workers are
   partitioned into regions of k (:func:`..locality.best_regions` on the inter-node traffic)
-  and each region's ports are given to its heaviest pairs of workers on different nodes (greedy, a pair may get several circuits) on the traffic of the
+  and each region's ports are given to its heaviest pairs of workers on different nodes
+  (greedy, a pair may get several circuits) on the traffic of the
   previous R iterations (the first window uses its own); each reconfiguration costs
   ``delay_ms``, charged once per window.
 

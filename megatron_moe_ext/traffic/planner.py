@@ -265,7 +265,8 @@ def why_first(cands: Sequence[Candidate]) -> str:
     if abs(a.allreduce_ms - b.allreduce_ms) > 1e-9:
         parts.append(f"expert all-reduce {a.allreduce_ms:.2f} vs {b.allreduce_ms:.2f} ms")
     return (f"{a.label} beats {b.label} by {b.step_ms - a.step_ms:.3f} ms per iteration: "
-            + ("; ".join(parts) or "equal predicted terms (ties: smaller ep, then grouping, then s)")
+            + ("; ".join(parts)
+               or "equal predicted terms (ties: smaller ep, then grouping, then s)")
             + f"; memory {a.memory_gib:.2f} vs {b.memory_gib:.2f} GiB per GPU")
 
 

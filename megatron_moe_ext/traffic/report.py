@@ -191,7 +191,8 @@ def build_report(trace: RoutingTrace, out_dir: str | Path, cluster: Optional[Clu
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for d in summary["layers"]:
         ks = sorted(d["region_share"])
-        ax.plot(ks, [d["region_share"][k]["best"] for k in ks], "o-", label=f"layer {d['layer']} best")
+        ax.plot(ks, [d["region_share"][k]["best"] for k in ks], "o-",
+                label=f"layer {d['layer']} best")
         ax.plot(ks, [d["region_share"][k]["aligned"] for k in ks], "x--",
                 label=f"layer {d['layer']} consecutive")
     ax.set_xscale("log", base=2)

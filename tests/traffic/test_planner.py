@@ -106,7 +106,8 @@ def test_pretrain_describe_plan_layout_cli(tmp_path) -> None:
     from megatron_moe_ext.perf.cluster import save_cluster
     from tests.helpers import REPO
 
-    spec = dataclasses.replace(cluster_spec_from_dict(PAIR), memory_gib=0.0149)  # between ep=2 and ep=1 (0.01476, 0.01501)
+    # a cap between the ep=2 and the ep=1 memory (0.01476, 0.01501 GiB)
+    spec = dataclasses.replace(cluster_spec_from_dict(PAIR), memory_gib=0.0149)
     save_cluster(spec, tmp_path / "pair.yaml")
     args = [sys.executable, str(REPO / "pretrain_gpt_moe.py"), "--describe", "--plan-layout",
             "--cluster", str(tmp_path / "pair.yaml"), "--json", str(tmp_path / "d.json"),
