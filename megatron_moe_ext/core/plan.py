@@ -21,6 +21,15 @@ included). Outputs computed at step j go back along the same pairs, reversed.
 
 Peers that exchange zero tokens are skipped. Both sides derive this from the
 same ``counts`` matrix, so skipping is always consistent.
+
+Shadowed experts S (``shadows``): every worker computes its *own* tokens for e in S
+locally, as the local chunks of step 0 (:attr:`ExchangePlan.shadow_chunks`, addressed
+by offset in the expert-sorted token tensor); they are never sent. The exchange routes
+the rest, i.e. ``counts`` with the columns of S zeroed. When a shadowed expert sits
+among a peer's experts, the tokens for that peer are no longer one contiguous slice:
+the plan then lists one :class:`SendSlice` per maximal run of non-shadowed experts (in
+order), and the receiving :class:`RecvChunk` records the run lengths (``runs``), so both
+sides post one message per run and no tokens are copied.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any, NamedTuple, Sequence
 __all__ = [
     "SendSlice",
     "RecvChunk",
+    "ShadowChunk",
     "ExchangeStep",
     "ExchangePlan",
     "build_plan",
@@ -58,6 +68,23 @@ class RecvChunk(NamedTuple):
     peer: int
     length: int
     expert_counts: tuple[int, ...]  # [E_l] tokens per local expert inside the chunk
+    runs: tuple[int, ...] = ()
+    """Lengths of the messages the chunk arrives in, in order, when it is more than one
+    (a shadowed expert splits the sender's slice); () means one message of ``length``."""
+
+    @property
+    def run_lengths(self) -> tuple[int, ...]:
+        """Lengths of the messages of this chunk, in order (always at least one)."""
+        return self.runs or (self.length,)
+
+
+class ShadowChunk(NamedTuple):
+    """This rank's own tokens ``tokens[offset:offset+length]`` for shadowed expert ``expert``,
+    computed locally at step 0 with the expert's broadcast weights (listed even when empty)."""
+
+    expert: int
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,13 @@ class ExchangePlan:
     groups: tuple[tuple[int, ...], ...]
     steps: tuple[ExchangeStep, ...]
     num_input_tokens: int  # T = sum(counts[rank, :])
+    shadow_chunks: tuple[ShadowChunk, ...] = ()
+    """Local chunks of step 0: this rank's tokens for each shadowed expert (ascending ids)."""
+
+    @property
+    def shadows(self) -> tuple[int, ...]:
+        """Shadowed expert ids (ascending)."""
+        return tuple(c.expert for c in self.shadow_chunks)
 
     @property
     def num_groups(self) -> int:
@@ -118,8 +152,14 @@ class ExchangePlan:
 
     @property
     def num_compute_tokens(self) -> int:
-        """Tokens this rank's experts process, summed over steps (B_w in the paper)."""
+        """Tokens this rank's experts process, summed over steps (B_w in the paper); the
+        shadow chunks are not included (see :attr:`num_shadow_tokens`)."""
         return sum(step.tokens_received for step in self.steps)
+
+    @property
+    def num_shadow_tokens(self) -> int:
+        """Tokens this rank computes locally for shadowed experts (at step 0)."""
+        return sum(c.length for c in self.shadow_chunks)
 
     def tokens_sent_per_step(self, remote_only: bool = False) -> list[int]:
         """Tokens sent at each step (input direction; outputs return the same amounts)."""
@@ -135,13 +175,15 @@ class ExchangePlan:
 
 
 def validate_group_size(world_size: int, group_size: int) -> int:
-    """Check that ``group_size`` divides ``world_size``; return the number of groups n."""
+    """Check that ``group_size`` divides ``world_size``; return the number of groups n.
+
+    The one wording of this error, for the config's world check and for the layer."""
     if world_size < 1:
         raise ValueError(f"expert-parallel world size must be >= 1, got {world_size}")
     if not isinstance(group_size, int) or group_size < 1 or world_size % group_size != 0:
         raise ValueError(
-            f"{GROUP_SIZE_KEY}={group_size!r} must be a positive integer dividing the "
-            f"expert-parallel world size {world_size}"
+            f"{GROUP_SIZE_KEY}={group_size!r} must divide parallel.expert={world_size} "
+            "(the expert-parallel size; a positive integer)"
         )
     return world_size // group_size
 
@@ -207,28 +249,49 @@ def _prefix_sums(row: Sequence[int]) -> list[int]:
     return out
 
 
+def _runs(lo: int, hi: int, shadowed: frozenset[int]) -> list[tuple[int, int]]:
+    """(first expert, end expert) of each maximal run of non-shadowed experts in [lo, hi)."""
+    runs, start = [], None
+    for e in range(lo, hi):
+        if e in shadowed:
+            if start is not None:
+                runs.append((start, e))
+            start = None
+        elif start is None:
+            start = e
+    if start is not None:
+        runs.append((start, hi))
+    return runs
+
+
 def _step_sends(
-    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int
+    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int,
+    shadowed: frozenset[int] = frozenset(),
 ) -> tuple[SendSlice, ...]:
     prefix = _prefix_sums(rows[rank])
     sends = []
     for p in peers:
-        offset = prefix[p * e_l]
-        length = prefix[(p + 1) * e_l] - offset
-        if length > 0:
-            sends.append(SendSlice(p, offset, length))
+        for a, b in _runs(p * e_l, (p + 1) * e_l, shadowed):
+            offset = prefix[a]
+            length = prefix[b] - offset
+            if length > 0:
+                sends.append(SendSlice(p, offset, length))
     return tuple(sends)
 
 
 def _step_recvs(
-    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int
+    rows: list[list[int]], rank: int, peers: Sequence[int], e_l: int,
+    shadowed: frozenset[int] = frozenset(),
 ) -> tuple[RecvChunk, ...]:
+    lo, hi = rank * e_l, (rank + 1) * e_l
     recvs = []
     for s in peers:
-        per_expert = tuple(rows[s][rank * e_l : (rank + 1) * e_l])
+        per_expert = tuple(0 if e in shadowed else rows[s][e] for e in range(lo, hi))
         length = sum(per_expert)
         if length > 0:
-            recvs.append(RecvChunk(s, length, per_expert))
+            runs = [sum(rows[s][a:b]) for a, b in _runs(lo, hi, shadowed)]
+            runs = tuple(r for r in runs if r > 0)
+            recvs.append(RecvChunk(s, length, per_expert, runs if len(runs) > 1 else ()))
     return tuple(recvs)
 
 
@@ -238,6 +301,7 @@ def build_plan(
     world_size: int,
     group_size: int,
     group_order: Sequence[int] | None = None,
+    shadows: Sequence[int] = (),
 ) -> ExchangePlan:
     """Compute this rank's grouped pairwise-exchange plan from the [W, E] count matrix.
 
@@ -247,6 +311,8 @@ def build_plan(
         world_size: W.
         group_size: g, must divide W (``moe.fastermoe.group_size``).
         group_order: optional permutation of ranks; members of a group are consecutive.
+        shadows: shadowed global expert ids (the same on every rank): computed locally by
+            every rank as the step-0 shadow chunks, left out of the exchange.
 
     Returns:
         An :class:`ExchangePlan` with n = W / g steps; step 0 is the local group.
@@ -261,6 +327,9 @@ def build_plan(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world_size {world_size}")
     e_l = num_experts // world_size
+    shadowed = frozenset(int(e) for e in shadows)
+    if any(not 0 <= e < num_experts for e in shadowed):
+        raise ValueError(f"shadow ids {sorted(shadowed)} out of range for {num_experts} experts")
     groups = make_groups(world_size, group_size, group_order)
     my_group = next(k for k, grp in enumerate(groups) if rank in grp)
     steps = tuple(
@@ -269,8 +338,8 @@ def build_plan(
             send_group=send_g,
             recv_group=recv_g,
             rank=rank,
-            sends=_step_sends(rows, rank, groups[send_g], e_l),
-            recvs=_step_recvs(rows, rank, groups[recv_g], e_l),
+            sends=_step_sends(rows, rank, groups[send_g], e_l, shadowed),
+            recvs=_step_recvs(rows, rank, groups[recv_g], e_l, shadowed),
         )
         for j, (send_g, recv_g) in enumerate(ring_groups(my_group, n))
     )
@@ -282,4 +351,10 @@ def build_plan(
         groups=groups,
         steps=steps,
         num_input_tokens=sum(rows[rank]),
+        shadow_chunks=_shadow_chunks(rows[rank], shadowed),
     )
+
+
+def _shadow_chunks(row: Sequence[int], shadowed: frozenset[int]) -> tuple[ShadowChunk, ...]:
+    prefix = _prefix_sums(row)
+    return tuple(ShadowChunk(e, prefix[e], row[e]) for e in sorted(shadowed))

@@ -19,9 +19,12 @@ row    counts[rank]: [E] tokens this rank sends to each expert; expert e's token
 Autograd graph (one layer call, this rank)::
 
     owner params --(ShadowBroadcast: fwd broadcast, bwd reduce-sum to owner)--> replicas
-    replicas, tokens[block e], probs[block e] --(expert_fn)--> y_e        for e in S
-    tokens[other blocks] --(smart exchange with counts[:, S] = 0)--> y_rest
-    output = y_rest and y_e put back at their blocks (torch.cat)
+    replicas, tokens, probs --(smart exchange: block e of S computed locally with the
+                               replicas at step 0, the rest exchanged)--> output
+
+The block of expert e is addressed by offset in the plan (``ExchangePlan.shadow_chunks``);
+the exchange's single autograd node returns the replicas' gradients, which this module's
+broadcast node then reduce-sums to the owner.
 
 ``ShadowBroadcast`` takes a zero-size *anchor* leaf that requires grad, so its backward (a
 collective) runs on every worker, owner or not, whenever a backward passes through the layer.
@@ -39,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShadowSplit", "broadcast_from_owners", "functional_apply", "routed_counts"]
+__all__ = ["broadcast_from_owners", "functional_apply"]
 
 
 # --------------------------------------------------------------------------- broadcast / reduce
@@ -176,86 +179,3 @@ def functional_apply(module: torch.nn.Module, names: Sequence[str],
     replaced names; gradients go to ``tensors``.
     """
     return torch.func.functional_call(module, dict(zip(names, tensors)), args, kwargs)
-
-
-# --------------------------------------------------------------------------- token split / merge
-
-
-def routed_counts(counts: torch.Tensor, shadows: Sequence[int]) -> torch.Tensor:
-    """A copy of the [W, E] count matrix with the shadowed experts' columns zeroed."""
-    out = counts.clone()
-    if len(shadows):
-        out[:, list(shadows)] = 0
-    return out
-
-
-@dataclass(frozen=True)
-class ShadowSplit:
-    """How this rank's expert-sorted rows split into routed runs and shadowed-expert blocks.
-
-    ``pieces`` lists (start, length, expert) in input order; expert is None for a run of
-    consecutive non-shadowed experts (routed through the exchange), else the shadowed expert
-    whose block it is. Shadow blocks are always listed, even when empty, so that every rank
-    builds the same autograd graph.
-    """
-
-    row: tuple[int, ...]
-    shadows: tuple[int, ...]
-    pieces: tuple[tuple[int, int, Optional[int]], ...]
-
-    @classmethod
-    def build(cls, row: Sequence[int], shadows: Sequence[int]) -> "ShadowSplit":
-        """Pieces for a rank whose tokens per expert are ``row`` ([E])."""
-        row = tuple(int(v) for v in row)
-        shadows = tuple(sorted(set(int(e) for e in shadows)))
-        if any(not 0 <= e < len(row) for e in shadows):
-            raise ValueError(f"shadow ids {list(shadows)} out of range for {len(row)} experts")
-        prefix = [0]
-        for v in row:
-            prefix.append(prefix[-1] + v)
-        pieces: list[tuple[int, int, Optional[int]]] = []
-        run = 0
-        for e in shadows:
-            if prefix[e] > run:
-                pieces.append((run, prefix[e] - run, None))
-            pieces.append((prefix[e], row[e], e))
-            run = prefix[e + 1]
-        if prefix[-1] > run:
-            pieces.append((run, prefix[-1] - run, None))
-        return cls(row, shadows, tuple(pieces))
-
-    @property
-    def num_tokens(self) -> int:
-        """T: rows of the full input."""
-        return sum(self.row)
-
-    @property
-    def num_routed(self) -> int:
-        """Rows that still go through the exchange."""
-        return sum(n for _, n, e in self.pieces if e is None)
-
-    def split(self, t: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(routed rows concatenated in order, {shadowed expert: its block}) of ``t`` [T, ...]."""
-        if t.shape[0] != self.num_tokens:
-            raise ValueError(f"expected {self.num_tokens} rows, got {t.shape[0]}")
-        routed = [t[a:a + n] for a, n, e in self.pieces if e is None]
-        blocks = {e: t[a:a + n] for a, n, e in self.pieces if e is not None}
-        rest = routed[0] if len(routed) == 1 else (torch.cat(routed) if routed else t[:0])
-        return rest, blocks
-
-    def merge(self, routed: torch.Tensor, blocks: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Inverse of :meth:`split`: put routed rows and shadow blocks back at their places."""
-        if routed.shape[0] != self.num_routed:
-            raise ValueError(f"expected {self.num_routed} routed rows, got {routed.shape[0]}")
-        parts, off = [], 0
-        for _, n, e in self.pieces:
-            if e is None:
-                parts.append(routed[off:off + n])
-                off += n
-            else:
-                parts.append(blocks[e])
-        if not any(e is None for _, _, e in self.pieces):
-            # Keep the (empty) exchange output in the graph: its backward must still run here
-            # to serve the other ranks' tokens for this rank's experts.
-            parts.append(routed)
-        return torch.cat(parts) if len(parts) > 1 else parts[0]

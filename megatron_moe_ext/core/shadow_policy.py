@@ -34,7 +34,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["as_counts", "expert_loads", "lat_imbl", "lat_with_shadows", "choose_shadows",
+SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
+"""Accepted values of ``moe.fastermoe.shadow.policy``."""
+
+__all__ = ["SHADOW_POLICIES", "as_counts", "expert_loads", "lat_imbl", "lat_with_shadows",
+           "choose_shadows",
            "choose_shadows_by_cost", "top_k_shadows", "shadow_mask"]
 
 
@@ -174,5 +178,7 @@ def choose_shadows_by_cost(counts: Any, cost: Callable[[list[int]], float],
 
 
 def top_k_shadows(counts: Any, k: int) -> list[int]:
-    """The k most loaded experts (column sums), ties broken by lower id."""
-    return _by_load(expert_loads(counts))[: max(0, int(k))]
+    """The k most loaded experts (column sums), ties broken by lower id; experts with zero
+    load are never picked (shadowing one would cost a broadcast and a reduce for nothing)."""
+    loads = expert_loads(counts)
+    return [e for e in _by_load(loads)[: max(0, int(k))] if loads[e] > 0]

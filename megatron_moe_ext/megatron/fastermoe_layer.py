@@ -10,9 +10,14 @@ What changes: the all-to-all -> experts -> all-to-all middle is replaced by
 send / compute / return steps overlap (forward and backward), plus dynamic shadow experts
 (``moe.fastermoe.shadow``): every forward, from the all-gathered [W, E] counts, a policy picks
 experts to replicate; their owners broadcast the weights, every rank computes its own tokens
-for them locally with the same expert MLP function, and their gradients are reduce-summed back
-to the owners in backward (:mod:`megatron_moe_ext.core.shadow`). Shadowing never changes the
+for them locally with the same expert MLP function (the local chunks of step 0 of the exchange,
+computed while the first sends are in flight), and their gradients are reduce-summed back to
+the owners in backward (:mod:`megatron_moe_ext.core.shadow`). Shadowing never changes the
 math: outputs and gradients equal stock Megatron's up to floating-point summation order.
+
+Options: :class:`FasterMoEOptions` (built from the run config by
+:meth:`FasterMoEOptions.from_moe_config`). No performance-model work runs per call for the
+``never`` / ``top_k`` policies; :attr:`FasterMoELayer.last_predicted_s` is computed on access.
 
 Notation: T routed token copies on this rank, E experts, E_l = E / W local experts,
 W expert-parallel workers, H hidden size, alpha = (expert parameters) / (2 H^2),
@@ -21,10 +26,11 @@ S shadowed expert ids.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from typing import Optional
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,27 +39,64 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_moe_ext.config import SHADOW_POLICIES, MoEConfig
-from megatron_moe_ext.core.exchange import smart_exchange
-from megatron_moe_ext.core.shadow import (
-    ShadowSplit,
-    broadcast_from_owners,
-    functional_apply,
-    routed_counts,
-)
+from megatron_moe_ext.core.comm import gather_counts
+from megatron_moe_ext.core.exchange import Shadows, smart_exchange
+from megatron_moe_ext.core.plan import validate_group_size
+from megatron_moe_ext.core.shadow import broadcast_from_owners, functional_apply
 from megatron_moe_ext.core.shadow_policy import (
+    SHADOW_POLICIES,
     choose_shadows,
     choose_shadows_by_cost,
     top_k_shadows,
 )
 from megatron_moe_ext.core.trace import Tracer
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
-from megatron_moe_ext.perf.topology import GBIT, ClusterSpec, LinkSpec, Topology, load_cluster
+from megatron_moe_ext.perf.topology import ClusterSpecError, Topology, ep_topology
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLUSTER = "local-cpu"
 """Cluster used by the performance model when ``moe.fastermoe.cluster`` is not set."""
+
+_MEMO_SIZE = 64  # count matrices whose shadows / predictions a layer remembers
+_warned_clusters: set[str] = set()
+
+
+@dataclass(frozen=True)
+class FasterMoEOptions:
+    """What a :class:`FasterMoELayer` needs beyond Megatron's TransformerConfig.
+
+    Built from the run config at the Megatron boundary (:meth:`from_moe_config`); the layer
+    does not depend on the application's config schema.
+    """
+
+    group_size: int = 1
+    """g, workers per group of the grouped pairwise exchange (``moe.fastermoe.group_size``);
+    must divide the expert-parallel size."""
+    shadow_policy: str = "never"
+    """How shadowed experts are chosen per call (``moe.fastermoe.shadow.policy``): one of
+    ``never``, ``predictor``, ``model``, ``top_k``."""
+    shadow_max_experts: int = 1
+    """With ``top_k``: how many of the most loaded experts to shadow
+    (``moe.fastermoe.shadow.max_experts``)."""
+    cluster: Optional[str] = None
+    """Cluster description for the performance model (``moe.fastermoe.cluster``): a bundled
+    name or a YAML path; None: :data:`DEFAULT_CLUSTER`."""
+    trace: bool = False
+    """Record send / compute / return spans for a Chrome trace (``moe.fastermoe.trace``)."""
+
+    def __post_init__(self) -> None:
+        if self.shadow_policy not in SHADOW_POLICIES:
+            raise ValueError(f"moe.fastermoe.shadow.policy={self.shadow_policy!r} is not one of "
+                             f"{', '.join(SHADOW_POLICIES)}")
+
+    @classmethod
+    def from_moe_config(cls, moe: Any) -> "FasterMoEOptions":
+        """From the run config's ``moe`` section (``moe.fastermoe.*``)."""
+        f = moe.fastermoe
+        return cls(group_size=int(f.group_size), shadow_policy=str(f.shadow.policy),
+                   shadow_max_experts=int(f.shadow.max_experts),
+                   cluster=None if f.cluster is None else str(f.cluster), trace=bool(f.trace))
 
 
 class CountsDispatcher(MoEAlltoAllTokenDispatcher):
@@ -73,9 +116,7 @@ class CountsDispatcher(MoEAlltoAllTokenDispatcher):
             self.num_out_tokens = local.sum()
         else:
             self.num_out_tokens = routing_map.size(0) * self.config.moe_router_topk
-        gathered = torch.empty(self.ep_size * local.numel(), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=self.ep_group)
-        self.counts = gathered.view(self.ep_size, -1).cpu()
+        self.counts = gather_counts(local, self.ep_group)
         first = self.local_expert_indices[0]
         local_cols = self.counts[:, first : first + self.num_local_experts]
         # Kept for the stock bookkeeping that dispatch_preprocess still touches.
@@ -83,45 +124,22 @@ class CountsDispatcher(MoEAlltoAllTokenDispatcher):
         return local_cols.sum(dim=0)
 
 
-@functools.lru_cache(maxsize=None)
-def ep_topology(cluster: str, num_workers: int) -> Topology:
-    """The topology the performance model uses for an expert-parallel group of W workers.
-
-    The cluster file's own topology when it has exactly W workers (EP rank w = worker w).
-    Otherwise a stand-in: one switch ``sw`` with W workers attached by links of the cluster's
-    W_net, and the cluster's GEMM throughput (a warning says so).
-    """
-    spec = load_cluster(cluster)
-    if spec.num_workers == num_workers:
-        return Topology(spec)
-    w_net = Topology(spec).net_bandwidth()
-    logger.warning(
-        "cluster %s has %d workers but the expert-parallel group has %d: the performance model "
-        "uses %d workers on one switch with the cluster's W_net (%.3g Gbit/s) and GEMM rates",
-        spec.name, spec.num_workers, num_workers, num_workers, w_net / GBIT,
-    )
-    star = ClusterSpec(
-        name=f"{spec.name}-star{num_workers}", nodes=1, workers_per_node=num_workers,
-        gemm_tflops=dict(spec.gemm_tflops), gemm_curve=dict(spec.gemm_curve),
-        links=tuple(LinkSpec(a=f"w{i}", b="sw", gbps=w_net / GBIT, kind="stand-in")
-                    for i in range(num_workers)) if num_workers > 1 else (),
-        description=f"stand-in for {spec.name} with {num_workers} workers",
-    )
-    return Topology(star)
-
-
 class FasterMoELayer(MoELayer):
     """MoELayer whose dispatch / expert compute / combine run as the FasterMoE smart schedule,
     with dynamic shadow experts.
 
-    Per forward it records :attr:`last_shadows` and :attr:`last_predicted_s`.
+    Per forward it records :attr:`last_shadows`; :attr:`last_predicted_s` is computed from
+    them on access only.
     """
 
     last_shadows: list[int]
     """Global expert ids shadowed in the latest forward (in the policy's order; [] if none)."""
-    last_predicted_s: Optional[float]
-    """Predicted fwd + bwd time (s) of the latest forward's layer call with its shadows and the
-    smart schedule (perf.model.predict_layer); None when no cluster model is available."""
+
+    @staticmethod
+    def options_from_moe_config(moe: Any) -> FasterMoEOptions:
+        """This layer's options from the run config's ``moe`` section (used by the model
+        builder's spec swap)."""
+        return FasterMoEOptions.from_moe_config(moe)
 
     def __init__(
         self,
@@ -129,15 +147,17 @@ class FasterMoELayer(MoELayer):
         submodules: Optional[MoESubmodules] = None,
         layer_number: Optional[int] = None,
         pg_collection=None,
-        moe_options: Optional[MoEConfig] = None,
+        options: Optional[FasterMoEOptions] = None,
+        **kwargs: Any,
     ) -> None:
+        """``kwargs``: further arguments of newer megatron-core MLP builders (e.g.
+        ``is_mtp_layer``, ``name``), forwarded to MoELayer as given."""
         if pg_collection is None:  # as MoELayer does when built inside a TransformerLayer
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
             pg_collection = get_default_pg_collection()
-        super().__init__(
-            config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection
-        )
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection, **kwargs)
         if config.moe_token_dispatcher_type != "alltoall":
             raise ValueError("FasterMoELayer needs moe_token_dispatcher_type='alltoall'")
         if config.moe_pad_expert_input_to_capacity:
@@ -146,31 +166,25 @@ class FasterMoELayer(MoELayer):
             raise ValueError("FasterMoELayer supports tensor / expert-tensor parallel size 1 only")
         if self.use_shared_expert:
             raise ValueError("FasterMoELayer does not support shared experts")
-        self.options = moe_options or MoEConfig(impl="fastermoe")
+        self.options = options or FasterMoEOptions()
         self.token_dispatcher = CountsDispatcher(
             self.num_local_experts, self.local_expert_indices, config=config, pg_collection=pg_collection
         )
-        self.group_size = min(self.options.fastermoe.group_size, self.ep_group.size())
-        if self.ep_group.size() % self.group_size:
-            raise ValueError(
-                f"moe.fastermoe.group_size={self.group_size} must divide the expert-parallel "
-                f"size {self.ep_group.size()}"
-            )
+        self.group_size = self.options.group_size
+        validate_group_size(self.ep_group.size(), self.group_size)
         self.tracer: Optional[Tracer] = None
-        if self.options.fastermoe.trace:
+        if self.options.trace:
             self.tracer = Tracer(rank=dist.get_rank(), cuda_sync=torch.cuda.is_available())
         self.last_shadows = []
-        self.last_predicted_s = None
+        self._last: Optional[tuple[torch.Tensor, list[int]]] = None  # counts, shadows
+        self._predictions: OrderedDict[tuple, Optional[LayerPrediction]] = OrderedDict()
+        self._chosen: OrderedDict[bytes, list[int]] = OrderedDict()
         self._init_shadowing()
 
     # ------------------------------------------------------------------ shadow setup
     def _init_shadowing(self) -> None:
         """Policy, expert layout for broadcasts, and the performance-model constants."""
-        shadow = self.options.fastermoe.shadow
-        self.shadow_policy = shadow.policy
-        if self.shadow_policy not in SHADOW_POLICIES:
-            raise ValueError(f"moe.fastermoe.shadow.policy={self.shadow_policy!r} is not one of "
-                             f"{', '.join(SHADOW_POLICIES)}")
+        self.shadow_policy = self.options.shadow_policy
         if self.shadow_policy != "never" and (self.config.fp8 or self.config.fp4):
             raise ValueError("shadow experts do not support fp8 / fp4 experts")
         experts = self.experts.local_experts
@@ -187,21 +201,29 @@ class FasterMoELayer(MoELayer):
         self._dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
             self._param_dtype, "fp32")
         self._dtype_bytes = templates[0].element_size()
-        self.cluster = self.options.fastermoe.cluster or DEFAULT_CLUSTER
+        self.cluster = self.options.cluster or DEFAULT_CLUSTER
         self.topology: Optional[Topology] = None
         self._net_bandwidth = float("inf")
+        self.group_order: Optional[list[int]] = None  # None: identity (no topology)
         try:
             self.topology = ep_topology(self.cluster, self.ep_group.size())
+        except (ClusterSpecError, OSError) as exc:
+            if self.shadow_policy in ("predictor", "model"):
+                raise ValueError(f"moe.fastermoe.cluster={self.cluster!r} (needed by "
+                                 f"moe.fastermoe.shadow.policy={self.shadow_policy}): {exc}"
+                                 ) from exc
+            if self.cluster not in _warned_clusters:
+                _warned_clusters.add(self.cluster)
+                logger.warning("moe.fastermoe.cluster=%r cannot be loaded (%s): no performance "
+                               "model, last_predicted_s is None and the exchange uses the "
+                               "identity group order", self.cluster, exc)
+        if self.topology is not None:
             self._net_bandwidth = self.topology.net_bandwidth()
             if self._dtype_name not in self.topology.spec.gemm_tflops:
                 self._dtype_name = "bf16" if self._dtype_name == "fp16" else "fp32"
-        except Exception as exc:  # noqa: BLE001 - the predictor cannot run without it
-            if self.shadow_policy in ("predictor", "model"):
-                raise ValueError(f"moe.fastermoe.cluster={self.cluster!r}: {exc}") from exc
-            logger.warning("no performance model for layer %s (cluster %r: %s); "
-                           "last_predicted_s stays None", self.layer_number, self.cluster, exc)
-        logger.debug("FasterMoELayer shadow policy %s, cluster %s, alpha %.3f",
-                     self.shadow_policy, self.cluster, self._alpha)
+            self.group_order = self.topology.group_order(self.group_size)
+        logger.debug("FasterMoELayer shadow policy %s, cluster %s, alpha %.3f, group order %s",
+                     self.shadow_policy, self.cluster, self._alpha, self.group_order)
 
     def _gemm_flops(self, counts: np.ndarray) -> float:
         """P for this dtype (a curve is evaluated at the mean tokens per worker)."""
@@ -210,44 +232,71 @@ class FasterMoELayer(MoELayer):
             return float(p(np.asarray(counts.sum() / counts.shape[0])))
         return float(p)
 
-    def select_shadows(self, counts: torch.Tensor,
-                       predictions: Optional[dict[tuple[int, ...], LayerPrediction]] = None
-                       ) -> list[int]:
+    def select_shadows(self, counts: torch.Tensor) -> list[int]:
         """Experts to shadow for this [W, E] count matrix under the configured policy.
 
         Deterministic and identical on every rank of the EP group (same all-gathered counts).
-        With policy ``model``, every prediction the greedy makes is stored in ``predictions``
-        (keyed by the shadow tuple), so the caller need not predict the chosen set again.
+        ``never`` and ``top_k`` run no model; ``predictor`` and ``model`` remember their
+        choice (and ``model`` every prediction it made) per count matrix.
         """
         W = counts.shape[0]
         if self.shadow_policy == "never" or W < 2:
             return []
         if self.shadow_policy == "top_k":
-            return [int(e) for e in top_k_shadows(counts, self.options.fastermoe.shadow.max_experts)]
+            return [int(e) for e in top_k_shadows(counts, self.options.shadow_max_experts)]
+        key = _counts_key(counts)
+        if key in self._chosen:
+            self._chosen.move_to_end(key)
+            return list(self._chosen[key])
         if self.shadow_policy == "model":
-            seen = {} if predictions is None else predictions
-
-            def cost(shadows: list[int]) -> float:
-                seen[tuple(shadows)] = pred = self.predict(counts, shadows)
-                return pred.total_s
-
-            return choose_shadows_by_cost(counts, cost)
-        c = counts.numpy().astype(np.float64)
-        return [int(e) for e in choose_shadows(
-            c, self.num_local_experts, H=self._H, alpha=self._alpha,
-            dtype_bytes=self._dtype_bytes, gemm_flops=self._gemm_flops(c),
-            net_bandwidth=self._net_bandwidth,
-        )]
+            chosen = choose_shadows_by_cost(
+                counts, lambda shadows: self._predict(counts, shadows, key).total_s)
+        else:
+            c = counts.numpy().astype(np.float64)
+            chosen = [int(e) for e in choose_shadows(
+                c, self.num_local_experts, H=self._H, alpha=self._alpha,
+                dtype_bytes=self._dtype_bytes, gemm_flops=self._gemm_flops(c),
+                net_bandwidth=self._net_bandwidth,
+            )]
+        _remember(self._chosen, key, list(chosen))
+        return chosen
 
     def predict(self, counts: torch.Tensor, shadows: list[int]) -> Optional[LayerPrediction]:
-        """perf.model.predict_layer for this layer call (smart schedule, these shadows)."""
+        """perf.model.predict_layer for this layer call (smart schedule, these shadows,
+        this layer's group order); memoized per count matrix and shadow set."""
+        return self._predict(counts, shadows, _counts_key(counts))
+
+    def _predict(self, counts: torch.Tensor, shadows: list[int],
+                 key: bytes) -> Optional[LayerPrediction]:
         if self.topology is None:
             return None
-        return predict_layer(
-            counts.numpy().astype(np.float64), None, self._H, self._alpha, self._dtype_bytes,
-            self.topology, dtype=self._dtype_name, schedule="smart",
-            group_size=self.group_size, shadow_experts=shadows,
-        )
+        memo = (key, tuple(shadows))
+        if memo not in self._predictions:
+            _remember(self._predictions, memo, predict_layer(
+                counts.numpy().astype(np.float64), None, self._H, self._alpha,
+                self._dtype_bytes, self.topology, dtype=self._dtype_name, schedule="smart",
+                group_size=self.group_size, shadow_experts=shadows,
+            ))
+        self._predictions.move_to_end(memo)
+        return self._predictions[memo]
+
+    @property
+    def last_predicted_s(self) -> Optional[float]:
+        """Predicted fwd + bwd time (s) of the latest forward's layer call with its shadows and
+        the smart schedule (perf.model.predict_layer); None before the first forward or
+        without a cluster model. Computed when read (memoized), never on the hot path."""
+        return self.deferred_predicted_s()()
+
+    def deferred_predicted_s(self) -> Callable[[], Optional[float]]:
+        """:attr:`last_predicted_s` of the latest forward as a function, to evaluate later
+        (e.g. by the metrics at a logging step): no model work until it is called."""
+        last = self._last
+
+        def predicted_s() -> Optional[float]:
+            pred = None if last is None else self.predict(*last)
+            return None if pred is None else float(pred.total_s)
+
+        return predicted_s
 
     # ------------------------------------------------------------------ forward pieces
     # The stock forward calls dispatch -> routed_experts_compute -> combine; the whole exchange
@@ -261,9 +310,10 @@ class FasterMoELayer(MoELayer):
         assert bias is None
         return out
 
-    def _shadow_expert_fn(self, weights: list[torch.Tensor], x: torch.Tensor, p: torch.Tensor):
-        """One expert on this rank's own tokens with broadcast weights: the same MLP forward
-        (with per_token_scale = probs) that SequentialMLP runs for each local expert."""
+    def _shadow_expert_fn(self, expert: int, x: torch.Tensor, p: torch.Tensor,
+                          weights: list[torch.Tensor]) -> torch.Tensor:
+        """Shadowed ``expert`` on this rank's own tokens with its broadcast weights: the same
+        MLP forward (with per_token_scale = probs) that SequentialMLP runs per local expert."""
         if self.config.moe_apply_probs_on_input:  # mirrors SequentialMLP.forward
             x = (p.unsqueeze(-1) * x).to(x.dtype)
             p = torch.ones_like(p)
@@ -290,36 +340,29 @@ class FasterMoELayer(MoELayer):
         return {e: flat[i * n:(i + 1) * n] for i, e in enumerate(shadows)}
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        """Shadowed experts locally, the rest by the grouped pairwise exchange."""
+        """The grouped pairwise exchange; shadowed experts are its local chunks of step 0."""
         counts = self.token_dispatcher.counts
-        predictions: dict[tuple[int, ...], LayerPrediction] = {}
-        shadows = self.select_shadows(counts, predictions)
+        shadows = self.select_shadows(counts)
         self.last_shadows = list(shadows)
-        pred = predictions.get(tuple(shadows))
-        if pred is None:  # policies other than `model` predict nothing while choosing
-            pred = self.predict(counts, shadows)
-        self.last_predicted_s = None if pred is None else float(pred.total_s)
-        logger.debug("layer %s: shadows %s, predicted %s s", self.layer_number, shadows,
-                     self.last_predicted_s)
+        self._last = (counts, list(shadows))
+        logger.debug("layer %s: shadows %s", self.layer_number, shadows)
         if not shadows:
-            return self._exchange(hidden_states, probs, counts, list(self.experts.parameters())), None
+            params = list(self.experts.parameters())
+            return self._exchange(hidden_states, probs, counts, params, None), None
         order = sorted(set(shadows))
         weights = self._broadcast_shadows(order)
-        split = ShadowSplit.build(counts[self.ep_group.rank()].tolist(), order)
-        x_rest, x_blocks = split.split(hidden_states)
-        p_rest, p_blocks = split.split(probs)
-        y_blocks = {e: self._shadow_expert_fn(weights[e], x_blocks[e], p_blocks[e]) for e in order}
         # The owners' shadowed parameters get their gradient from the broadcast's backward only.
         first = self.local_expert_indices[0]
         skip = {id(p) for e in order if 0 <= e - first < self.num_local_experts
                 for p in self.experts.local_experts[e - first].parameters()}
         params = [p for p in self.experts.parameters() if id(p) not in skip]
-        y_rest = self._exchange(x_rest, p_rest, routed_counts(counts, order), params)
-        return split.merge(y_rest, y_blocks), None
+        shadow = Shadows(weights=weights, fn=self._shadow_expert_fn)
+        return self._exchange(hidden_states, probs, counts, params, shadow), None
 
     def _exchange(self, tokens: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
-                  params: list[torch.Tensor]) -> torch.Tensor:
-        """Grouped pairwise exchange with overlapped send / compute / return steps."""
+                  params: list[torch.Tensor], shadows: Optional[Shadows]) -> torch.Tensor:
+        """Grouped pairwise exchange with overlapped send / compute / return steps, in the
+        topology's group order (the one the performance model assumes)."""
         return smart_exchange(
             tokens,
             probs,
@@ -328,7 +371,9 @@ class FasterMoELayer(MoELayer):
             params,
             group=self.ep_group,
             group_size=self.group_size,
+            group_order=self.group_order,
             tracer=self.tracer,
+            shadows=shadows,
         )
 
     def combine(self, output: torch.Tensor):
@@ -343,3 +388,16 @@ class FasterMoELayer(MoELayer):
         path = os.path.join(directory, f"rank{dist.get_rank()}_layer{self.layer_number}.json")
         self.tracer.write_chrome_trace(path)
         return path
+
+
+def _counts_key(counts: torch.Tensor) -> bytes:
+    """Memo key of a [W, E] count matrix (its shape and bytes)."""
+    return repr(tuple(counts.shape)).encode() + counts.numpy().tobytes()
+
+
+def _remember(memo: OrderedDict, key: Any, value: Any) -> None:
+    """Insert into a small LRU memo (at most _MEMO_SIZE entries)."""
+    memo[key] = value
+    memo.move_to_end(key)
+    while len(memo) > _MEMO_SIZE:
+        memo.popitem(last=False)

@@ -69,7 +69,7 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
 
     Both come from the same local (non-TE) GPT layer spec: the same TopKRouter and
     SequentialMLP submodules, so parameter names and layout match; the FasterMoE one is the
-    same spec with the module class swapped and ``moe_options=cfg.moe``. The stock layer uses
+    same spec with the module class swapped and ``options`` built from ``cfg.moe``. The stock layer uses
     ``cfg.moe.token_dispatcher`` (default alltoall). Weights are copied with
     ``load_state_dict`` from the stock layer into the FasterMoE layer.
     """
@@ -178,10 +178,9 @@ def apply_routing(layers: dict[str, torch.nn.Module], bias: torch.Tensor,
 
 def gather_counts(routing_map: torch.Tensor, group) -> list[list[int]]:
     """The [W, E] routed-token counts of the expert-parallel group (all-gathered rows)."""
-    local = routing_map.sum(dim=0).long()
-    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(gathered, local, group=group)
-    return torch.stack(gathered).tolist()
+    from megatron_moe_ext.core.comm import gather_counts as gather
+
+    return gather(routing_map.sum(dim=0), group).tolist()
 
 
 def describe_counts(counts: Any, num_workers: int) -> dict:

@@ -97,7 +97,7 @@ def _swap_moe(layer_spec: ModuleSpec, moe_cls: type, cfg: Config) -> ModuleSpec:
     mlp = spec.submodules.mlp
     if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer and moe_cls is not MoELayer:
         mlp.module = moe_cls
-        mlp.params = dict(mlp.params or {}, moe_options=cfg.moe)
+        mlp.params = dict(mlp.params or {}, options=moe_cls.options_from_moe_config(cfg.moe))
     if (isinstance(mlp, ModuleSpec) and isinstance(mlp.submodules, MoESubmodules)
             and cfg.moe.router.type == "topology_aware"):
         from megatron_moe_ext.megatron.router import topology_router_builder

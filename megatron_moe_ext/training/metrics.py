@@ -12,7 +12,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -117,7 +117,7 @@ class LayerTimeTracker:
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
         self.measured: dict[int, float] = {}
-        self.predicted: dict[int, float] = {}
+        self.predicted: dict[int, list[Callable[[], Optional[float]]]] = {}
         self.shadows: dict[int, list[list[int]]] = {}
         self._handles = []
         self._start: dict[int, float] = {}
@@ -156,9 +156,9 @@ class LayerTimeTracker:
         self._add(layer, self._now() - self._start.pop(id(module), self._now()))
         if getattr(module, "last_shadows", None) is not None:
             self.shadows.setdefault(layer, []).append(list(module.last_shadows))
-        predicted = getattr(module, "last_predicted_s", None)
-        if predicted is not None:
-            self.predicted[layer] = self.predicted.get(layer, 0.0) + float(predicted)
+        deferred = getattr(module, "deferred_predicted_s", None)  # evaluated in collect()
+        if deferred is not None:
+            self.predicted.setdefault(layer, []).append(deferred())
         out = output[0] if isinstance(output, tuple) else output
         marks = getattr(module, "_bwd_marks", None)
         if marks is not None and torch.is_tensor(out) and out.requires_grad:
@@ -174,8 +174,9 @@ class LayerTimeTracker:
         out: dict[int, dict[str, Any]] = {}
         for layer, seconds in self.measured.items():
             rec: dict[str, Any] = {"measured_s": seconds}
-            if layer in self.predicted:
-                rec["predicted_s"] = self.predicted[layer]
+            predicted = [v for v in (f() for f in self.predicted.get(layer, [])) if v is not None]
+            if predicted:
+                rec["predicted_s"] = sum(predicted)
             if layer in self.shadows:
                 rec["shadows"] = sorted({e for mb in self.shadows[layer] for e in mb})
             out[layer] = rec

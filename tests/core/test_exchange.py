@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from megatron_moe_ext.core.exchange import smart_exchange
+from megatron_moe_ext.core.exchange import Shadows, smart_exchange
 from megatron_moe_ext.core.trace import Tracer
 
 H, FFN = 8, 16
@@ -47,6 +47,14 @@ CASES_W2 = [
          frozen=True),
     # W=1 on singleton subgroups of the 2-process world
     dict(name="w1_g1", W=1, g=1, e_l=3, topk=2, dtype="float32", routing="uniform"),
+    # shadowed experts: computed locally at step 0, the rest exchanged (expert 1 sits in the
+    # middle of rank 0's experts, so rank 0's slice for itself and its peers is split)
+    dict(name="w2_g1_shadow_mid", W=2, g=1, e_l=3, topk=2, dtype="float32", routing="uniform",
+         shadows=[1]),
+    dict(name="w2_g2_shadow_two", W=2, g=2, e_l=2, topk=2, dtype="float32", routing="uniform",
+         shadows=[0, 3]),
+    dict(name="w2_g1_shadow_sparse_bf16", W=2, g=1, e_l=2, topk=2, dtype="bfloat16",
+         routing="sparse", shadows=[0, 2]),
 ]
 CASES_W4 = [
     dict(name="w4_g1", W=4, g=1, e_l=2, topk=2, dtype="float32", routing="uniform"),
@@ -62,6 +70,10 @@ CASES_W4 = [
     dict(name="w4sub_w2_g1", W=2, g=1, e_l=2, topk=2, dtype="float32", routing="sparse"),
     dict(name="w4_g1_trace", W=4, g=1, e_l=2, topk=2, dtype="float32", routing="uniform",
          trace=True),
+    dict(name="w4_g2_shadow", W=4, g=2, e_l=3, topk=3, dtype="float32", routing="sparse",
+         shadows=[1, 6, 7], order=[3, 0, 2, 1]),
+    dict(name="w4_g1_shadow_trace", W=4, g=1, e_l=2, topk=2, dtype="float32",
+         routing="uniform", shadows=[2], trace=True),
 ]
 
 
@@ -178,7 +190,13 @@ def _run_case(case: dict, group, seed: int, tmpdir: str) -> dict:
     local = [[t.detach().clone().requires_grad_(not (frozen and k == 0))
               for k, t in enumerate(prob["params"][e])]
              for e in range(rank * e_l, (rank + 1) * e_l)]
-    flat = [t for ws in local for t in ws]
+    shadows = case.get("shadows", [])
+    # stand-ins for the broadcast replicas: every rank's own leaf copy of the shadowed weights
+    replicas = {e: [t.detach().clone().requires_grad_() for t in prob["params"][e]]
+                for e in shadows}
+    flat = [t for e, ws in zip(range(rank * e_l, (rank + 1) * e_l), local)
+            if e not in shadows for t in ws]
+    flat += [t for e in shadows for t in replicas[e]]
     hook_calls = [0] * len(flat)
     for i, t in enumerate(flat):
         if t.requires_grad:
@@ -194,13 +212,23 @@ def _run_case(case: dict, group, seed: int, tmpdir: str) -> dict:
     p = mine["probs"].clone().requires_grad_()
     tracer = Tracer(rank=dist.get_rank()) if case.get("trace") else None
     kw = dict(group=group, group_size=case["g"], group_order=case.get("order"))
-    out = smart_exchange(x[mine["src"]], p, counts, _make_expert_fn(local), flat,
+    owned = [t for e, ws in zip(range(rank * e_l, (rank + 1) * e_l), local)
+             if e not in shadows for t in ws]
+    if shadows:
+        kw["shadows"] = Shadows(weights=replicas, fn=lambda e, xs, ps, ws: _mlp(xs, ps, *ws))
+    out = smart_exchange(x[mine["src"]], p, counts, _make_expert_fn(local), owned,
                          tracer=tracer, **kw)
     out.backward(mine["gy"])
     with torch.no_grad():
-        out_nograd = smart_exchange(x[mine["src"]], p, counts, _make_expert_fn(local), flat, **kw)
+        out_nograd = smart_exchange(x[mine["src"]], p, counts, _make_expert_fn(local), owned,
+                                    **kw)
+    for e in shadows:  # what the broadcast's backward does: sum the replicas' grads
+        for t in replicas[e]:
+            dist.all_reduce(t.grad, group=group)
 
-    ref_pg = [t for e in range(rank * e_l, (rank + 1) * e_l) for t in ref[-1]["param_grads"][e]]
+    ref_pg = [t for e in range(rank * e_l, (rank + 1) * e_l) if e not in shadows
+              for t in ref[-1]["param_grads"][e]]
+    ref_pg += [t for e in shadows for t in ref[-1]["param_grads"][e]]
     errs = {
         "out": _err(out, ref[rank]["out"]),
         "out_nograd": _err(out_nograd, ref[rank]["out"]),
@@ -348,3 +376,17 @@ def test_tracer_chrome_trace(results_w4, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_shadow_chunks_run_at_step_zero_while_sends_fly(results_w4):
+    """The shadowed experts' local compute is part of step 0: after S_0 and S_1 were issued,
+    before C_0, in forward and in backward."""
+    for rank, res in enumerate(results_w4):
+        doc = json.loads(Path(res["w4_g1_shadow_trace"]["trace"]).read_text())
+        by_name = {e["name"]: e for e in doc["traceEvents"] if e["ph"] == "X"}
+        for pre in ("", "bwd_"):
+            sh, c0 = by_name[f"{pre}C0_shadow"], by_name[f"{pre}C0"]
+            assert by_name[f"{pre}S1"]["ts"] <= sh["ts"], f"rank {rank}: {pre}S1 not in flight"
+            assert sh["ts"] + sh["dur"] <= c0["ts"] + 1.0, f"rank {rank}: {pre}C0 before shadows"
+            assert sh["cat"] == "compute"

@@ -181,3 +181,70 @@ def test_plan_is_frozen() -> None:
     plan = build_plan(np.ones((2, 2), dtype=int), 0, 2, 1)
     with pytest.raises(Exception):
         plan.rank = 1  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- shadow chunks
+
+
+def _shadow_cases():
+    rng = np.random.default_rng(3)
+    for w, g in [(2, 1), (2, 2), (4, 1), (4, 2), (6, 3)]:
+        for e_l in (1, 2, 3):
+            e = w * e_l
+            for _ in range(3):
+                k = int(rng.integers(1, min(e, 4) + 1))
+                yield w, g, e_l, sorted(rng.choice(e, size=k, replace=False).tolist())
+
+
+@pytest.mark.parametrize("w,g,e_l,shadows", list(_shadow_cases()))
+def test_shadow_chunks_and_runs_cover_every_token_once(w, g, e_l, shadows) -> None:
+    counts = _random_counts(w, e_l, seed=w * 31 + e_l + sum(shadows), zero_frac=0.3)
+    plans = [build_plan(counts, r, w, g, shadows=shadows) for r in range(w)]
+    for r, plan in enumerate(plans):
+        prefix = np.concatenate([[0], np.cumsum(counts[r])])
+        # shadow chunks: this rank's block of each shadowed expert, by offset, even if empty
+        assert plan.shadows == tuple(shadows)
+        assert plan.shadow_chunks == tuple(
+            (e, int(prefix[e]), int(counts[r, e])) for e in shadows)
+        assert plan.num_shadow_tokens == counts[r, shadows].sum()
+        # sends + shadow chunks tile [0, T) exactly, each slice inside one peer's experts
+        pieces = sorted([(s.offset, s.length) for st in plan.steps for s in st.sends]
+                        + [(c.offset, c.length) for c in plan.shadow_chunks if c.length])
+        pos = 0
+        for off, length in pieces:
+            assert off == pos and length > 0
+            pos += length
+        assert pos == plan.num_input_tokens
+        # the exchange computes exactly the non-shadowed load of this rank's experts
+        mine = [e for e in range(r * e_l, (r + 1) * e_l) if e not in shadows]
+        assert plan.num_compute_tokens == counts[:, mine].sum()
+    for a, b in itertools.product(range(w), repeat=2):
+        for j in range(len(plans[0].steps)):
+            sent = [s for s in plans[a].steps[j].sends if s.peer == b]
+            got = [c for c in plans[b].steps[j].recvs if c.peer == a]
+            assert len(got) == (1 if sent else 0)
+            if sent:
+                # one message per run, in order; the receiver expects the same lengths
+                assert tuple(s.length for s in sent) == got[0].run_lengths
+                assert all(got[0].expert_counts[e - b * e_l] == 0
+                           for e in shadows if b * e_l <= e < (b + 1) * e_l)
+
+
+def test_shadow_in_the_middle_splits_the_slice() -> None:
+    counts = [[1, 2, 3, 4, 5, 6], [1, 1, 1, 1, 1, 1]]  # W=2, E_l=3; shadows 1 and 4
+    p0 = build_plan(counts, 0, 2, 1, shadows=[1, 4])
+    assert p0.steps[0].sends == (SendSlice(0, 0, 1), SendSlice(0, 3, 3))
+    assert p0.steps[0].recvs == (RecvChunk(0, 4, (1, 0, 3), (1, 3)),)
+    assert p0.steps[1].sends == (SendSlice(1, 6, 4), SendSlice(1, 15, 6))
+    assert p0.shadow_chunks == ((1, 1, 2), (4, 10, 5))
+    p1 = build_plan(counts, 1, 2, 1, shadows=[1, 4])
+    assert p1.steps[1].recvs == (RecvChunk(0, 10, (4, 0, 6), (4, 6)),)
+    assert p1.steps[0].recvs == (RecvChunk(1, 2, (1, 0, 1), (1, 1)),)
+    # no shadows: the same plan as before, one message per peer
+    plain = build_plan(counts, 0, 2, 1)
+    assert plain.shadow_chunks == () and plain.steps[0].recvs[0].run_lengths == (6,)
+
+
+def test_bad_shadow_ids() -> None:
+    with pytest.raises(ValueError, match="shadow ids"):
+        build_plan(np.ones((2, 4), dtype=int), 0, 2, 1, shadows=[4])

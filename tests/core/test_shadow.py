@@ -1,5 +1,6 @@
 """Shadow-expert mechanics (megatron_moe_ext.core.shadow): broadcast / reduce autograd on real
-gloo process groups, token split / merge, functional expert calls.
+gloo process groups, functional expert calls (the shadow chunks themselves are part of the
+exchange plan: tests/core/test_plan.py, tests/core/test_exchange.py).
 
 Notation: W processes, a toy "expert" is y = (x @ A) * p[:, None] @ B with parameters A, B.
 """
@@ -10,12 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_moe_ext.core.shadow import (
-    ShadowSplit,
-    broadcast_from_owners,
-    functional_apply,
-    routed_counts,
-)
+from megatron_moe_ext.core.shadow import broadcast_from_owners, functional_apply
 from tests.helpers import spawn
 
 H, F = 5, 7
@@ -121,40 +117,6 @@ def test_broadcast_reduce_autograd_gloo() -> None:
 # --------------------------------------------------------------------------- pure helpers
 
 
-def test_split_merge_roundtrip() -> None:
-    row = [3, 0, 2, 4, 1]
-    t = torch.arange(10.0).unsqueeze(1).repeat(1, 2).requires_grad_(True)
-    for shadows in ([], [0], [1], [3, 0], [0, 1, 2, 3, 4], [4]):
-        split = ShadowSplit.build(row, shadows)
-        rest, blocks = split.split(t)
-        assert rest.shape[0] == split.num_routed == sum(row) - sum(row[e] for e in shadows)
-        assert set(blocks) == set(shadows)
-        off = [0, 3, 3, 5, 9, 10]
-        for e in shadows:
-            assert torch.equal(blocks[e], t[off[e]:off[e + 1]])
-        merged = split.merge(rest * 2, {e: b * 2 for e, b in blocks.items()})
-        assert torch.equal(merged, t * 2)
-        (g,) = torch.autograd.grad(merged.sum(), t)
-        assert torch.equal(g, torch.full_like(t, 2.0))
-
-
-def test_merge_keeps_empty_exchange_output_in_graph() -> None:
-    """All rows shadowed: the (empty) exchange output must still receive a gradient."""
-    split = ShadowSplit.build([0, 3], [1])
-    rest = torch.zeros(0, 2, requires_grad=True)
-    block = torch.ones(3, 2, requires_grad=True)
-    merged = split.merge(rest * 1, {1: block * 1})
-    gr, gb = torch.autograd.grad(merged.sum(), [rest, block])
-    assert gr.shape == (0, 2) and torch.equal(gb, torch.ones(3, 2))
-
-
-def test_routed_counts_zeroes_shadow_columns() -> None:
-    c = torch.arange(12).view(3, 4)
-    out = routed_counts(c, [1, 3])
-    assert out[:, [1, 3]].sum() == 0 and torch.equal(out[:, [0, 2]], c[:, [0, 2]])
-    assert torch.equal(c, torch.arange(12).view(3, 4))  # input untouched
-
-
 def test_functional_apply_routes_grads_to_the_given_tensors() -> None:
     lin = torch.nn.Linear(3, 2, bias=False)
     w = torch.randn(2, 3, requires_grad=True)
@@ -164,8 +126,3 @@ def test_functional_apply_routes_grads_to_the_given_tensors() -> None:
     assert lin.weight.grad is None
     assert torch.allclose(w.grad, x.sum(0).expand(2, 3))
     assert torch.allclose(y, x @ w.T)
-
-
-def test_split_rejects_bad_shadow_ids() -> None:
-    with pytest.raises(ValueError):
-        ShadowSplit.build([1, 2], [2])

@@ -187,3 +187,15 @@ def test_cost_greedy_order_stop_and_cap() -> None:
     assert seen == [[], [1], [1, 3]]  # hottest first, stops at the first non-improvement
     assert sp.choose_shadows_by_cost(counts, lambda s: -len(s)) == [1, 3, 0]  # never expert 2
     assert sp.choose_shadows_by_cost(counts, lambda s: -len(s), max_experts=1) == [1]
+
+
+def test_top_k_never_picks_zero_load_experts() -> None:
+    counts = np.array([[0, 4, 0, 1], [0, 2, 0, 0]])  # experts 0 and 2 get no token
+    assert sp.top_k_shadows(counts, 4) == [1, 3]
+    assert sp.top_k_shadows(counts, 1) == [1]
+    assert sp.top_k_shadows(np.zeros((2, 4)), 2) == []
+    assert sp.top_k_shadows(torch.tensor(counts), 3) == [1, 3]
+
+
+def test_policy_names() -> None:
+    assert sp.SHADOW_POLICIES == ("never", "predictor", "model", "top_k")
