@@ -7,6 +7,8 @@ Launch with torchrun, one process per device:
         moe.impl=fastermoe train.iters=50
 
 Everything after the options is a dotted override of the YAML config (key.sub=value).
+`--megatron-args "..."` / `--megatron-args-file PATH` take Megatron-LM flags (docs/megatron_lm.md);
+the dotted overrides win over them.
 `--help-config` lists every key with its default and meaning.
 `--describe [--cluster johnny]` prints size, FLOPs, memory and predicted speed without training.
 """
@@ -37,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --describe: world size (default: env WORLD_SIZE, else the smallest "
                    "that fits parallel.tensor x pipeline x expert)")
     p.add_argument("--json", metavar="PATH", help="with --describe: also write the description as JSON")
+    p.add_argument(
+        "--megatron-args", metavar="FLAGS", default="",
+        help='Megatron-LM flags, quoted ("--num-layers 4 --lr 3e-4 --bf16"), translated into '
+        "config overrides (after the YAML, before the dotted overrides); docs/megatron_lm.md",
+    )
+    p.add_argument("--megatron-args-file", metavar="PATH",
+                   help="a file of Megatron-LM flags (read before --megatron-args)")
     p.add_argument("--plan-layout", nargs="?", const=True, default=None, metavar="TRACE",
                    help="with --describe --cluster: rank expert-parallel layouts (Aristos "
                         "objective); TRACE (run dir or routing trace) replaces balanced routing")
@@ -69,6 +78,14 @@ def _describe(cfg, args: argparse.Namespace) -> int:
     return 0
 
 
+def _megatron_overrides(args: argparse.Namespace) -> list[str]:
+    """--megatron-args-file then --megatron-args, translated (raises ConfigError)."""
+    from megatron_moe_ext import megatron_lm_args as mla
+
+    flags = mla.read_args_file(args.megatron_args_file) if args.megatron_args_file else []
+    return mla.translate([*flags, *mla.split_args(args.megatron_args)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from megatron_moe_ext.runtime.device import quiet_known_warnings
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(f"{key} = {default!r}\n    {doc}\n")
         return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*_megatron_overrides(args), *args.overrides])
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")
         return 2
@@ -94,12 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("--json, --cluster, --world-size and --plan-layout only apply with "
                          "--describe\n")
         return 2
+    from megatron_moe_ext.megatron.versions import UnsupportedMegatronCore
     from megatron_moe_ext.training.loop import run
 
     try:
         state = run(cfg)
     except ConfigError as exc:
         sys.stderr.write(f"config error: {exc}\n")
+        return 2
+    except UnsupportedMegatronCore as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     if state.losses:
         import logging

@@ -22,7 +22,7 @@ setup(
         # Install a torch build first (CPU: `pip install torch==2.13.0`); any torch >= 2.4 that
         # megatron-core accepts satisfies this and nothing more is pulled.
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # tested: 0.16.1 and 0.19.2 (CI)
         "numpy",
         "packaging",
         "PyYAML",

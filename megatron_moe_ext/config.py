@@ -24,6 +24,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megatron_moe_ext.core.plan import validate_group_size
+from megatron_moe_ext.core.shadow_policy import SHADOW_POLICIES
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user: names the key and the accepted values."""
@@ -99,7 +102,8 @@ class RouterConfig:
     most a fraction of each worker's routed copies go to experts on other nodes, the rest are
     re-routed to local-node experts; see docs/topology_gate.md)."""
     load_balancing_type: str = "aux_loss"
-    """`aux_loss`, `seq_aux_loss`, `sinkhorn` or `none`."""
+    """`aux_loss` (per micro-batch), `seq_aux_loss` (per sequence, DeepSeek-V2/V3),
+    `global_aux_loss` (over the global batch), `sinkhorn` or `none`."""
     aux_loss_coeff: float = 0.01
     """Weight of the load-balancing loss."""
     z_loss_coeff: Optional[float] = None
@@ -120,10 +124,24 @@ class RouterConfig:
     Default: the cluster's, else the launcher's LOCAL_WORLD_SIZE."""
     dtype: Optional[str] = "fp32"
     """Router logits dtype: `fp32`, `fp64` or None (model dtype)."""
+    enable_expert_bias: bool = False
+    """Aux-loss-free load balancing (DeepSeek-V3): a per-expert bias added to the scores for
+    the top-k selection only, updated after every optimizer step towards equal loads (by
+    megatron-core's finalize_model_grads). Needs score_function: sigmoid; combine with
+    load_balancing_type: none for no aux loss at all."""
+    bias_update_rate: float = 1e-3
+    """With enable_expert_bias: the bias step per iteration (bias += rate * sign(mean load -
+    load))."""
+    num_groups: Optional[int] = None
+    """Group-limited routing: experts form num_groups equal groups (e.g. one per device or
+    node); each token first picks group_topk groups, then its top-k experts inside them.
+    Must divide moe.num_experts; set together with group_topk."""
+    group_topk: Optional[int] = None
+    """Group-limited routing: groups each token may use (<= num_groups, <= moe.topk)."""
 
 
-SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
-"""Accepted values of moe.fastermoe.shadow.policy."""
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+"""Accepted values of moe.router.load_balancing_type."""
 
 
 @dataclass
@@ -185,6 +203,10 @@ class MoEConfig:
     TEGroupedMLP with model.transformer_impl transformer_engine, else our grouped experts on
     torch.nn.functional.grouped_mm (CPU and GPU; hidden and expert FFN sizes must be multiples
     of 8). Same parameters and checkpoint layout as the sequential experts, both moe.impl."""
+    shared_expert_ffn_hidden_size: Optional[int] = None
+    """Shared experts (every token goes through them, next to its routed experts): their
+    total FFN hidden size (megatron's moe_shared_expert_intermediate_size). None: no shared
+    experts. moe.impl: megatron only."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Router settings."""
     fastermoe: FasterMoEConfig = field(default_factory=FasterMoEConfig)
@@ -279,7 +301,9 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Directory for checkpoints (None: no saving)."""
     load: Optional[str] = None
-    """Directory to resume from. Default: checkpoint.save."""
+    """Directory to resume from. Default: checkpoint.save. A missing folder is an error, except
+    when it equals checkpoint.save (Megatron-LM's `--save X --load X`): the first run of such a
+    job starts from scratch."""
     interval: int = 0
     """Save every n iterations (0: only at the end and on SIGTERM/SIGUSR1)."""
     keep: int = 2
@@ -523,12 +547,13 @@ def validate(cfg: Config) -> None:
     _choice(
         "moe.router.load_balancing_type",
         moe.router.load_balancing_type,
-        ["aux_loss", "seq_aux_loss", "sinkhorn", "none"],
+        LOAD_BALANCING_TYPES,
     )
     _choice("moe.router.score_function", moe.router.score_function, ["softmax", "sigmoid"])
     _choice("moe.router.dtype", moe.router.dtype, ["fp32", "fp64", None])
     if moe.router.type == "topology_aware":
         _validate_topology_gate(moe.router)
+    _validate_router_options(moe)
     _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, list(SHADOW_POLICIES))
     _positive("moe.num_experts", moe.num_experts)
     _positive("moe.topk", moe.topk)
@@ -627,6 +652,39 @@ def _require_package(setting: str, module: str, pin: str) -> None:
                           f"'{module}' package, which is not installed: pip install {pin}")
 
 
+def _validate_router_options(moe: MoEConfig) -> None:
+    """Expert bias, group-limited routing and shared experts (megatron-core's own rules, as
+    config errors before any process group)."""
+    r = moe.router
+    if r.enable_expert_bias and r.score_function != "sigmoid":
+        raise ConfigError("moe.router.enable_expert_bias: true needs "
+                          "moe.router.score_function: sigmoid (megatron-core rule)")
+    _positive("moe.router.bias_update_rate", r.bias_update_rate)
+    if (r.num_groups is None) != (r.group_topk is None):
+        raise ConfigError("group-limited routing needs both moe.router.num_groups and "
+                          "moe.router.group_topk (or neither)")
+    if r.num_groups is not None:
+        _positive("moe.router.num_groups", r.num_groups)
+        _positive("moe.router.group_topk", r.group_topk)
+        if moe.num_experts % r.num_groups:
+            raise ConfigError(f"moe.router.num_groups={r.num_groups} must divide "
+                              f"moe.num_experts={moe.num_experts}")
+        if r.group_topk > r.num_groups or r.group_topk > moe.topk:
+            raise ConfigError(f"moe.router.group_topk={r.group_topk} must be <= "
+                              f"moe.router.num_groups={r.num_groups} and <= moe.topk={moe.topk}")
+        if r.group_topk * (moe.num_experts // r.num_groups) < moe.topk:
+            raise ConfigError(f"moe.router.group_topk={r.group_topk} groups of "
+                              f"{moe.num_experts // r.num_groups} experts hold fewer than "
+                              f"moe.topk={moe.topk} experts")
+        if r.type == "topology_aware":
+            raise ConfigError("moe.router.type: topology_aware does not support group-limited "
+                              "routing (moe.router.num_groups / group_topk)")
+    _positive("moe.shared_expert_ffn_hidden_size", moe.shared_expert_ffn_hidden_size)
+    if moe.shared_expert_ffn_hidden_size is not None and moe.impl == "fastermoe":
+        raise ConfigError("moe.shared_expert_ffn_hidden_size (shared experts) is supported with "
+                          "moe.impl: megatron only; FasterMoELayer has no shared-expert path")
+
+
 def _validate_topology_gate(r: RouterConfig) -> None:
     """moe.router.type: topology_aware needs a cluster or an explicit off-node fraction."""
     if r.cluster is None and r.offnode_fraction is None:
@@ -673,11 +731,11 @@ def validate_world(cfg: Config, world_size: int, device: str) -> int:
             f"train.global_batch_size={tr.global_batch_size} must be a multiple of "
             f"train.micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp}"
         )
-    if cfg.moe.impl == "fastermoe" and par.expert % cfg.moe.fastermoe.group_size:
-        raise ConfigError(
-            f"moe.fastermoe.group_size={cfg.moe.fastermoe.group_size} must divide "
-            f"parallel.expert={par.expert}"
-        )
+    if cfg.moe.impl == "fastermoe":
+        try:
+            validate_group_size(par.expert, cfg.moe.fastermoe.group_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if device == "cpu":
         if par.tensor > 1:
             raise ConfigError("parallel.tensor > 1 with MoE is not supported on CPU "

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_moe_ext.core.shadow import functional_apply
 from megatron_moe_ext.megatron.grouped_experts import mlp_activation
 
 __all__ = ["ExpertLayout", "SequentialLayout", "TEGroupedLayout", "expert_layout"]
@@ -84,8 +85,7 @@ class SequentialLayout(ExpertLayout):
         return list(self.experts.local_experts[local_index].parameters())
 
     def _expert_forward(self, weights, x, probs):
-        out, bias = torch.func.functional_call(
-            self.experts.local_experts[0], dict(zip(self.names, weights)), (x, probs))
+        out, bias = functional_apply(self.experts.local_experts[0], self.names, weights, x, probs)
         assert bias is None  # an expert MLP adds its bias itself (per_token_scale given)
         return out
 

@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_moe_ext.core.comm import gather_counts
 from megatron_moe_ext.core.exchange import Shadows, smart_exchange
 from megatron_moe_ext.core.plan import validate_group_size
-from megatron_moe_ext.core.shadow import broadcast_from_owners, functional_apply
+from megatron_moe_ext.core.shadow import broadcast_from_owners
 from megatron_moe_ext.core.shadow_policy import (
     SHADOW_POLICIES,
     choose_shadows,
@@ -50,6 +50,7 @@ from megatron_moe_ext.core.shadow_policy import (
     top_k_shadows,
 )
 from megatron_moe_ext.core.trace import Tracer
+from megatron_moe_ext.megatron.expert_layouts import expert_layout
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
 from megatron_moe_ext.perf.topology import ClusterSpecError, Topology, ep_topology
 
@@ -187,12 +188,8 @@ class FasterMoELayer(MoELayer):
         self.shadow_policy = self.options.shadow_policy
         if self.shadow_policy != "never" and (self.config.fp8 or self.config.fp4):
             raise ValueError("shadow experts do not support fp8 / fp4 experts")
-        experts = self.experts.local_experts
-        self._expert_names = [n for n, _ in experts[0].named_parameters()]
-        for m in experts[1:]:
-            if [n for n, _ in m.named_parameters()] != self._expert_names:
-                raise ValueError("shadow experts need identically structured local experts")
-        templates = list(experts[0].parameters())
+        self.expert_layout = expert_layout(self.experts)  # sequential, grouped or TE grouped
+        templates = self.expert_layout.templates()
         self._param_dtype = templates[0].dtype
         numel = sum(p.numel() for p in templates)
         H = self.config.hidden_size
@@ -312,25 +309,20 @@ class FasterMoELayer(MoELayer):
 
     def _shadow_expert_fn(self, expert: int, x: torch.Tensor, p: torch.Tensor,
                           weights: list[torch.Tensor]) -> torch.Tensor:
-        """Shadowed ``expert`` on this rank's own tokens with its broadcast weights: the same
-        MLP forward (with per_token_scale = probs) that SequentialMLP runs per local expert."""
-        if self.config.moe_apply_probs_on_input:  # mirrors SequentialMLP.forward
-            x = (p.unsqueeze(-1) * x).to(x.dtype)
-            p = torch.ones_like(p)
-        out, bias = functional_apply(self.experts.local_experts[0], self._expert_names, weights, x, p)
-        assert bias is None
-        return out
+        """Shadowed ``expert`` on this rank's own tokens with its broadcast weights, applied the
+        way the configured expert module applies one expert (megatron/expert_layouts.py)."""
+        return self.expert_layout.apply(weights, x, p)
 
     def _broadcast_shadows(self, shadows: list[int]) -> dict[int, list[torch.Tensor]]:
         """{expert: its weights on this rank} broadcast from the owners (grad-linked)."""
-        experts = self.experts.local_experts
-        templates = list(experts[0].parameters())
+        layout = self.expert_layout
+        templates = layout.templates()
         first, e_l = self.local_expert_indices[0], self.num_local_experts
         rank = self.ep_group.rank()
         tensors, owners, tmpl = [], [], []
         for e in shadows:
             owner = e // e_l
-            own = list(experts[e - first].parameters()) if owner == rank else [None] * len(templates)
+            own = layout.expert_params(e - first) if owner == rank else [None] * len(templates)
             tensors += own
             owners += [owner] * len(templates)
             tmpl += templates
@@ -354,7 +346,7 @@ class FasterMoELayer(MoELayer):
         # The owners' shadowed parameters get their gradient from the broadcast's backward only.
         first = self.local_expert_indices[0]
         skip = {id(p) for e in order if 0 <= e - first < self.num_local_experts
-                for p in self.experts.local_experts[e - first].parameters()}
+                for p in self.expert_layout.expert_params(e - first)}
         params = [p for p in self.experts.parameters() if id(p) not in skip]
         shadow = Shadows(weights=weights, fn=self._shadow_expert_fn)
         return self._exchange(hidden_states, probs, counts, params, shadow), None

@@ -75,18 +75,18 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.moe.moe_layer import MoELayer
-    from megatron.core.transformer.spec_utils import build_module
 
     from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
     from megatron_moe_ext.megatron.model import _swap_moe, build_transformer_config
+    from megatron_moe_ext.megatron.versions import build_moe
 
     tconf = build_transformer_config(cfg, device)
     layer_spec = get_gpt_layer_local_spec(num_experts=cfg.moe.num_experts)
     # the same spec swap the training models use: the router follows moe.router.type
     spec = _swap_moe(layer_spec, MoELayer, cfg).submodules.mlp
     fspec = _swap_moe(layer_spec, FasterMoELayer, cfg).submodules.mlp
-    stock = build_module(spec, config=tconf, pg_collection=pg_collection)
-    faster = build_module(fspec, config=tconf, pg_collection=pg_collection)
+    stock = build_moe(spec, tconf, pg_collection)  # ModuleSpec or (0.18+) partial
+    faster = build_moe(fspec, tconf, pg_collection)
     faster.load_state_dict(stock.state_dict())
     for layer in (stock, faster):
         layer.set_layer_number(layer_number)

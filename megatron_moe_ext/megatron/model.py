@@ -16,13 +16,13 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import Config
-from megatron_moe_ext.megatron import specs
+from megatron_moe_ext.megatron import specs, versions
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ def build_transformer_config(cfg: Config, device: str) -> TransformerConfig:
         moe_router_score_function=moe.router.score_function,
         moe_router_pre_softmax=moe.router.pre_softmax,
         moe_router_dtype=moe.router.dtype,
+        moe_router_enable_expert_bias=moe.router.enable_expert_bias,
+        moe_router_bias_update_rate=moe.router.bias_update_rate,
+        moe_router_num_groups=moe.router.num_groups,
+        moe_router_group_topk=moe.router.group_topk,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_token_drop_policy=moe.drop_policy,
@@ -92,17 +97,17 @@ def _moe_layer_class(cfg: Config) -> type:
 def _swap_moe(layer_spec: ModuleSpec, moe_cls: type, cfg: Config) -> ModuleSpec:
     """A copy of a layer spec whose MoE MLP module is `moe_cls` (same submodules: same router,
     same SequentialMLP experts, so the same parameter names and layout). With
-    moe.router.type: topology_aware the router is a TopologyAwareRouter (same parameters)."""
+    moe.router.type: topology_aware the router is a TopologyAwareRouter (same parameters).
+    Both spec forms (ModuleSpec up to megatron-core 0.17, functools.partial from 0.18) are
+    handled by versions.swap_moe_module; build_model checks the result (no silent fallback)."""
     spec = copy.deepcopy(layer_spec)
-    mlp = spec.submodules.mlp
-    if isinstance(mlp, ModuleSpec) and mlp.module is MoELayer and moe_cls is not MoELayer:
-        mlp.module = moe_cls
-        mlp.params = dict(mlp.params or {}, options=moe_cls.options_from_moe_config(cfg.moe))
-    if (isinstance(mlp, ModuleSpec) and isinstance(mlp.submodules, MoESubmodules)
-            and cfg.moe.router.type == "topology_aware"):
+    router = None
+    if cfg.moe.router.type == "topology_aware":
         from megatron_moe_ext.megatron.router import topology_router_builder
 
-        mlp.submodules.router = topology_router_builder(cfg.moe.router)
+        router = topology_router_builder(cfg.moe.router)
+    params = {} if moe_cls is MoELayer else {"options": moe_cls.options_from_moe_config(cfg.moe)}
+    spec.submodules.mlp = versions.swap_moe_module(spec.submodules.mlp, moe_cls, params, router)
     return spec
 
 
@@ -126,6 +131,83 @@ def bert_layer_spec(cfg: Config) -> ModuleSpec:
     return spec
 
 
+class MoEImplementationError(RuntimeError):
+    """A built model whose MoE layers are not the implementation the config asked for."""
+
+
+def expected_moe_classes(cfg: Config) -> tuple[type, type]:
+    """(MoE layer class, router class) that cfg.moe asks for."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router: type = TopKRouter
+    if cfg.moe.router.type == "topology_aware":
+        from megatron_moe_ext.megatron.router import TopologyAwareRouter
+
+        router = TopologyAwareRouter
+    return _moe_layer_class(cfg), router
+
+
+def describe_moe_layers(module: torch.nn.Module) -> list[dict]:
+    """Per transformer layer of this stage with an MoE MLP: its module name, layer number and
+    the classes of the MoE layer, router, experts and shared experts."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    rows = []
+    for name, layer in module.named_modules():
+        mlp = getattr(layer, "mlp", None) if isinstance(layer, TransformerLayer) else None
+        if not isinstance(mlp, MoELayer):
+            continue
+        shared = getattr(mlp, "shared_experts", None)
+        rows.append({
+            "name": f"{name}.mlp", "layer_number": layer.layer_number,
+            "moe_class": type(mlp), "router_class": type(mlp.router),
+            "experts_class": type(mlp.experts), "num_local_experts": mlp.num_local_experts,
+            "shared_experts_class": type(shared) if shared is not None else None,
+        })
+    return rows
+
+
+def check_moe_layers(module: torch.nn.Module, cfg: Config) -> list[dict]:
+    """No silent fallback: every MoE layer of this stage must be exactly the class cfg.moe.impl
+    asks for, with the router cfg.moe.router.type asks for, and every layer that the layer
+    pattern makes an MoE layer must have one. Raises MoEImplementationError naming the layer,
+    the class found and the megatron-core version; returns :func:`describe_moe_layers`."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    want_layer, want_router = expected_moe_classes(cfg)
+    rows = {r["name"]: r for r in describe_moe_layers(module)}
+    problems = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, TransformerLayer):
+            continue
+        key = f"{name}.mlp"
+        # megatron's int moe_layer_freq: layer i (0-based) is MoE iff i % freq == 0; BERT's one
+        # layer spec makes every layer MoE
+        moe_expected = (cfg.model.type == "bert"
+                        or (layer.layer_number - 1) % cfg.moe.layer_freq == 0)
+        row = rows.get(key)
+        if row is None:
+            if moe_expected:
+                problems.append(f"{key} (layer {layer.layer_number}) is "
+                                f"{_qualname(type(getattr(layer, 'mlp', None)))}, not an MoE layer")
+            continue
+        if row["moe_class"] is not want_layer:
+            problems.append(f"{key}: moe.impl={cfg.moe.impl} asks for {want_layer.__name__}, "
+                            f"found {_qualname(row['moe_class'])}")
+        if row["router_class"] is not want_router:
+            problems.append(f"{key}: moe.router.type={cfg.moe.router.type} asks for "
+                            f"{want_router.__name__}, found {_qualname(row['router_class'])}")
+    if problems:
+        raise MoEImplementationError(
+            f"the built model is not what the config asked for (megatron-core "
+            f"{versions.version_string()}): " + "; ".join(problems))
+    return list(rows.values())
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def build_model(
     cfg: Config,
     tconf: TransformerConfig,
@@ -134,7 +216,14 @@ def build_model(
     pre_process: bool,
     post_process: bool,
 ) -> torch.nn.Module:
-    """One pipeline stage of the GPT or BERT MoE model (not wrapped in DDP)."""
+    """One pipeline stage of the GPT or BERT MoE model (not wrapped in DDP), checked by
+    :func:`check_moe_layers`."""
+    model = _build_model(cfg, tconf, vocab_size, pg_collection, pre_process, post_process)
+    check_moe_layers(model, cfg)
+    return model
+
+
+def _build_model(cfg, tconf, vocab_size, pg_collection, pre_process, post_process):
     m = cfg.model
     if m.type == "gpt":
         return GPTModel(

@@ -34,13 +34,13 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
-    save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import RouterConfig
 from megatron_moe_ext.core.gate import cap_offnode, offnode_fraction, offnode_limit
+from megatron_moe_ext.megatron.versions import applies, record_moe_metric, version_string
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,10 @@ class TopologyAwareRouter(TopKRouter):
         config: TransformerConfig,
         pg_collection=None,
         options: Optional[RouterConfig] = None,
+        **kwargs,
     ) -> None:
-        super().__init__(config=config, pg_collection=pg_collection)
+        # megatron-core 0.17+ passes is_mtp_layer= (versions.CHANGES "router_is_mtp_layer")
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         if self.routing_type == "sinkhorn":
             raise ValueError("moe.router.type: topology_aware does not support sinkhorn routing")
         if config.moe_router_num_groups or config.moe_router_group_topk:
@@ -138,6 +140,13 @@ class TopologyAwareRouter(TopKRouter):
         self.local_node = ep_rank // m
         local_experts = int((self.expert_node == self.local_node).sum())
         self._may_drop = local_experts < self.topk
+        if (self._may_drop and config.moe_expert_capacity_factor is None
+                and applies("permute_exact_copies")):
+            raise ValueError(
+                f"topology_aware router: node {self.local_node} hosts {local_experts} experts < "
+                f"top-k {self.topk}, so the gate may drop copies; megatron-core "
+                f"{version_string()} (>= 0.17) then needs moe.capacity_factor (e.g. "
+                f"moe.num_experts / moe.topk, which never drops for capacity)")
         if self._may_drop:
             logger.warning(
                 "topology_aware router: node %d hosts %d experts < top-k %d; re-routed copies "
@@ -270,7 +279,7 @@ class TopologyAwareRouter(TopKRouter):
             return
         num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
         for name, count in self.last_stats.items():
-            save_to_aux_losses_tracker(
+            record_moe_metric(
                 TRACKER_PREFIX + name, count.float() / self.last_tokens, self.layer_number,
                 num_layers,
             )
@@ -281,5 +290,5 @@ class TopologyAwareRouter(TopKRouter):
 
 
 def topology_router_builder(options: RouterConfig):
-    """A MoESubmodules.router builder: ``builder(config=..., pg_collection=...)``."""
+    """A MoESubmodules.router builder: ``builder(config=..., pg_collection=..., **kwargs)``."""
     return functools.partial(TopologyAwareRouter, options=options)

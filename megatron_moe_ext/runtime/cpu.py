@@ -212,13 +212,14 @@ def _patch_megatron() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # megatron-core 0.16.1 moe_utils.py: `te_general_gemm` is undefined without transformer_engine,
-    # so every router forward raises NameError (unless router dtype is fp64).
+    # so every router forward raises NameError (unless router dtype is fp64). Fixed in 0.17
+    # (defined as None there): the guard makes this a no-op.
     if not hasattr(moe_utils, "te_general_gemm"):
         _patch(moe_utils, "te_general_gemm", None)
-    # megatron-core 0.16.1 token_dispatcher.py: split sizes are moved to host (numpy) only for CUDA
-    # tensors; on CPU they reach all_to_all_single as tensors and gloo raises TypeError.
+    # megatron-core 0.16.1 .. 0.19.2 token_dispatcher.py: split sizes are moved to host (numpy)
+    # only for CUDA tensors; on CPU they reach all_to_all_single as tensors and gloo raises.
     _patch(token_dispatcher, "maybe_move_tensor_to_cpu", _cpu_maybe_move_tensor_to_cpu)
-    # megatron-core 0.16 tensor_parallel/random.py: reads torch.cuda.default_generators directly.
+    # megatron-core 0.16 .. 0.19 tensor_parallel/random.py: reads torch.cuda.default_generators.
     _patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     _patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     # megatron-core 0.16 jit.py: jit_fuser is torch.compile; compiling C++ on CPU costs ~17 s on

@@ -73,9 +73,13 @@ def find_resume_point(cfg: Config) -> Optional[ResumePoint]:
     if not load:
         return None
     root = Path(load)
-    if ck.load and not root.is_dir():
-        raise ConfigError(f"checkpoint.load: folder not found: {root}")
     if not root.is_dir():
+        same_as_save = ck.save is not None and Path(ck.save).resolve() == root.resolve()
+        if ck.load and not same_as_save:
+            raise ConfigError(f"checkpoint.load: folder not found: {root}")
+        if ck.load:  # Megatron-LM habit: --save X --load X on the first run of a job
+            logger.info("checkpoint.load=%s equals checkpoint.save and does not exist yet: "
+                        "starting from scratch", root)
         return None
     its = complete_iterations(root)
     if not ck.resume:
@@ -97,9 +101,14 @@ def find_resume_point(cfg: Config) -> Optional[ResumePoint]:
             logger.warning("ignoring incomplete checkpoint folders %s", sorted(partial))
         return None
     path = iter_dir(root, its[-1])
-    if not (path / "metadata.json").is_file() or not (path / "common.pt").is_file():
+    from megatron_moe_ext.megatron.versions import checkpoint_files_missing
+
+    missing = checkpoint_files_missing(path)  # the layout differs by megatron-core version
+    if missing is not None and "megatron-core" in missing:
+        raise ConfigError(f"checkpoint {path} cannot be loaded here: {missing}")
+    if missing is not None:
         raise ConfigError(
-            f"checkpoint {path} is marked COMPLETE but metadata.json or common.pt is missing: "
+            f"checkpoint {path} is marked COMPLETE but {missing}: "
             "the folder is corrupt; remove it to resume from the previous checkpoint"
         )
     return ResumePoint(its[-1], path)

@@ -70,11 +70,15 @@ class Trainer:
     """Everything built for one run; :meth:`train` runs it."""
 
     def __init__(self, cfg: Config) -> None:
+        from megatron_moe_ext.megatron import versions
+
         rank, world, _, _ = launch_info()
         configure_logging(cfg.logging.level, rank)
+        versions.check_supported()  # one clear error naming the supported range
         self.cfg = cfg
         device = resolve_device(cfg.runtime)
         self.dp_size = validate_world(cfg, world, device)
+        versions.validate_config(cfg)  # options this megatron-core cannot do: a config error
         self.resume_point = ckpt.find_resume_point(cfg)  # before any process group
         if self.resume_point is not None:
             ckpt.check_layout(cfg, self.resume_point, world)
@@ -135,6 +139,7 @@ class Trainer:
         self.pre = self.ps.is_pipeline_first_stage()
         self.post = self.ps.is_pipeline_last_stage()
         module = build_model(cfg, self.tconf, self.vocab_size, self.pg, self.pre, self.post)
+        self._log_moe_layers(module)  # build_model checked them (no silent fallback)
         if self.rt.device.type == "cuda":
             module = module.cuda()
         ddp_config = DistributedDataParallelConfig(
@@ -206,6 +211,21 @@ class Trainer:
             n_params / 1e6, self.rt.world_size, cfg.parallel.tensor, cfg.parallel.pipeline,
             self.dp_size, cfg.parallel.expert, self.num_microbatches,
         )
+
+    def _log_moe_layers(self, module: torch.nn.Module) -> None:
+        """Rank 0: which MoE class, router and expert module each MoE layer of its stage has."""
+        from megatron_moe_ext.megatron.model import describe_moe_layers
+        from megatron_moe_ext.megatron.versions import version_string
+
+        if self.rt.rank != 0:
+            return
+        logger.info("megatron-core %s", version_string())
+        for r in describe_moe_layers(module):
+            shared = r["shared_experts_class"]
+            logger.info("MoE layer %d (%s): %s, router %s, experts %s x%d%s", r["layer_number"],
+                        r["name"], r["moe_class"].__name__, r["router_class"].__name__,
+                        r["experts_class"].__name__, r["num_local_experts"],
+                        f", shared experts {shared.__name__}" if shared else "")
 
     # ---------------------------------------------------------------- steps
     def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
