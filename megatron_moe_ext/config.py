@@ -143,6 +143,9 @@ class RouterConfig:
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 """Accepted values of moe.router.load_balancing_type."""
 
+COMM_PRIORITIES = ("none", "moe_first")
+"""Accepted values of train.comm_priority."""
+
 
 @dataclass
 class ShadowConfig:
@@ -267,6 +270,19 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's DistributedOptimizer)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with backward."""
+    comm_priority: str = "none"
+    """`none`: Megatron DDP launches each bucket's reduction when its gradients are ready;
+    `moe_first` (Lina): the reductions are cut into chunks of at most grad_reduce_chunk_mb and
+    the next chunk is held while an MoE exchange is in flight, so the all-to-all goes first on
+    the links; everything is flushed before the optimizer, the math is unchanged (both moe.impl
+    values; needs train.overlap_grad_reduce: true; docs/lina.md)."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters (elements) per Megatron DDP gradient bucket with overlap_grad_reduce: a
+    bucket's reduction starts when all its gradients are ready. Default: megatron-core's,
+    max(40M, 1M x data-parallel size), i.e. one bucket for small models."""
+    grad_reduce_chunk_mb: float = 4.0
+    """comm_priority moe_first: largest gradient-reduction chunk in MiB (bytes on the wire of
+    one collective); an exchange that starts waits for at most one chunk per process group."""
     eval_interval: int = 0
     """Evaluate on the validation split every n iterations (0: only at the end if eval_iters)."""
     eval_iters: int = 2
@@ -600,6 +616,13 @@ def validate(cfg: Config) -> None:
     _positive("train.clip_grad", tr.clip_grad, allow_zero=True)
     _positive("train.eval_interval", tr.eval_interval, allow_zero=True)
     _positive("train.eval_iters", tr.eval_iters, allow_zero=True)
+    _choice("train.comm_priority", tr.comm_priority, list(COMM_PRIORITIES))
+    _positive("train.grad_reduce_chunk_mb", tr.grad_reduce_chunk_mb)
+    _positive("train.ddp_bucket_size", tr.ddp_bucket_size)
+    if tr.comm_priority != "none" and not tr.overlap_grad_reduce:
+        raise ConfigError(f"train.comm_priority: {tr.comm_priority} needs "
+                          "train.overlap_grad_reduce: true (it reorders the reductions that "
+                          "overlap backward; without overlap there is nothing to reorder)")
     decay = tr.lr_decay_iters or tr.iters
     if tr.lr_warmup_iters >= decay:
         raise ConfigError(

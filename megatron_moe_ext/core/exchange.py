@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import P2PComm as _Comm
+from .comm_priority import exchange_in_flight
 from .plan import ExchangePlan, RecvChunk, SendSlice, ShadowChunk, build_plan
 from .trace import Tracer
 
@@ -409,7 +410,8 @@ class _SmartExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, tokens: torch.Tensor, probs: torch.Tensor, *tensors):
         params, shadow_weights = tensors[:cfg.num_params], tensors[cfg.num_params:]
-        out, graphs, shadow_graphs = _forward(cfg, tokens, probs, shadow_weights)
+        with exchange_in_flight():  # gradient reductions wait (train.comm_priority)
+            out, graphs, shadow_graphs = _forward(cfg, tokens, probs, shadow_weights)
         ctx.cfg = cfg
         ctx.graphs = graphs
         ctx.shadow_graphs = shadow_graphs
@@ -427,9 +429,10 @@ class _SmartExchange(torch.autograd.Function):
         tokens_like = torch.empty(shape, dtype=dtype, device=device)
         shape, dtype, device = ctx.probs_meta
         probs_like = torch.empty(shape, dtype=dtype, device=device)
-        gx, gp, gparams, gshadow = _backward(cfg, ctx.graphs, ctx.shadow_graphs, grad_out,
-                                             tokens_like, probs_like, ctx.params,
-                                             ctx.shadow_weights)
+        with exchange_in_flight():
+            gx, gp, gparams, gshadow = _backward(cfg, ctx.graphs, ctx.shadow_graphs, grad_out,
+                                                 tokens_like, probs_like, ctx.params,
+                                                 ctx.shadow_weights)
         ctx.graphs = ctx.shadow_graphs = ctx.params = ctx.shadow_weights = None
         needs = ctx.needs_input_grad
         return (None, gx if needs[1] else None, gp if needs[2] else None, *gparams, *gshadow)

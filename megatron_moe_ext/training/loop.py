@@ -146,8 +146,12 @@ class Trainer:
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=tr.overlap_grad_reduce,
             use_distributed_optimizer=tr.use_distributed_optimizer,
+            bucket_size=tr.ddp_bucket_size,
         )
         self.model = [DistributedDataParallel(self.tconf, ddp_config, module)]
+        from megatron_moe_ext.megatron.comm_priority import install_comm_priority
+
+        self.comm_priority = install_comm_priority(self.model, cfg, self.rt.device)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

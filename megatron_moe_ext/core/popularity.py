@@ -1,0 +1,117 @@
+"""Expert popularity prediction before a layer routes (issue 12 point 3; Lina, ATC'23), NumPy.
+
+Two predictors of an MoE layer's [W, E] routing counts, from what is known before its router
+runs:
+
+* ``previous_iteration``: the same layer's counts of the last iteration.
+* ``previous_layer``: the layer below's counts of this iteration pushed through a transition
+  matrix P_i[e -> e'] (row-stochastic): the probability that a routed copy sent to expert e in
+  MoE layer i belongs to a token whose copies go to e' in MoE layer i + 1. P_i is a decayed
+  count over recent iterations: C <- decay * C + (1 - decay) * pairs, where a token with top-k
+  experts A at layer i and B at layer i + 1 adds 1 / k to C[a, b] for each (a, b) in A x B, so
+  row a gains exactly the token's one copy to a and P = C / rowsum keeps the copy count.
+
+Notation
+--------
+W   workers (rows of counts); E experts; k experts per token (top-k); T tokens of one worker
+idx [T, k] expert ids each token chose in one layer (the router's top-k indices)
+
+Metrics for one prediction (``prediction_metrics``): relative error of the hottest experts'
+loads (column sums), and whether the shadow set a policy picks from the prediction equals the
+set it picks from the true counts. This module only predicts; choosing and prefetching the
+shadows is the layer's business (not built yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .shadow_policy import as_counts
+
+__all__ = ["PREDICTORS", "PreviousIterationPredictor", "TransitionPredictor",
+           "transition_pairs", "prediction_metrics"]
+
+PREDICTORS = ("none", "previous_iteration", "previous_layer")
+"""Accepted values of the prediction mode (``moe.fastermoe.shadow.prefetch`` in issue 12)."""
+
+
+class PreviousIterationPredictor:
+    """counts of layer l at iteration t are predicted by those of layer l at iteration t-1."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, np.ndarray] = {}
+
+    def observe(self, layer: int, counts: Any) -> None:
+        self._last[layer] = as_counts(counts).copy()
+
+    def predict(self, layer: int) -> Optional[np.ndarray]:
+        """[W, E] prediction, or None before the layer was seen once."""
+        c = self._last.get(layer)
+        return None if c is None else c.copy()
+
+
+def transition_pairs(idx_below: Any, idx_above: Any, num_experts: int) -> np.ndarray:
+    """[E, E] pair counts of one batch: token t adds 1/k to C[a, b] for a in idx_below[t],
+    b in idx_above[t] (both [T, k]; same tokens in the same order)."""
+    lo = np.asarray(idx_below.detach().cpu() if hasattr(idx_below, "detach") else idx_below)
+    hi = np.asarray(idx_above.detach().cpu() if hasattr(idx_above, "detach") else idx_above)
+    if lo.ndim == 1:
+        lo = lo[:, None]
+    if hi.ndim == 1:
+        hi = hi[:, None]
+    if lo.shape[0] != hi.shape[0]:
+        raise ValueError(f"token counts differ: {lo.shape[0]} below, {hi.shape[0]} above")
+    k_lo, k_hi = lo.shape[1], hi.shape[1]
+    c = np.zeros((num_experts, num_experts))
+    a = np.repeat(lo, k_hi, axis=1).reshape(-1)
+    b = np.tile(hi, (1, k_lo)).reshape(-1)
+    np.add.at(c, (a, b), 1.0 / k_hi)
+    return c
+
+
+class TransitionPredictor:
+    """``previous_layer``: layer i+1's counts = layer i's counts @ P_i (decayed estimate)."""
+
+    def __init__(self, num_experts: int, decay: float = 0.9) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.num_experts = num_experts
+        self.decay = decay
+        self._c: dict[int, np.ndarray] = {}
+
+    def observe(self, layer_below: int, idx_below: Any, idx_above: Any) -> None:
+        """Record one batch's transitions from MoE layer ``layer_below`` to the next."""
+        pairs = transition_pairs(idx_below, idx_above, self.num_experts)
+        old = self._c.get(layer_below)
+        self._c[layer_below] = pairs if old is None else self.decay * old + (1 - self.decay) * pairs
+
+    def matrix(self, layer_below: int) -> Optional[np.ndarray]:
+        """Row-stochastic P; rows never observed are uniform. None before any observation."""
+        c = self._c.get(layer_below)
+        if c is None:
+            return None
+        rows = c.sum(axis=1, keepdims=True)
+        uniform = np.full_like(c, 1.0 / self.num_experts)
+        return np.where(rows > 0, c / np.where(rows > 0, rows, 1.0), uniform)
+
+    def predict(self, layer_below: int, counts_below: Any) -> Optional[np.ndarray]:
+        """[W, E] prediction of the next MoE layer from this layer's true counts."""
+        p = self.matrix(layer_below)
+        return None if p is None else as_counts(counts_below) @ p
+
+
+def prediction_metrics(pred: Any, true: Any, n_hot: int = 2,
+                       policy: Optional[Callable[[np.ndarray], Sequence[int]]] = None) -> dict:
+    """How good one prediction is: ``hot_load_rel_err`` = max over the n_hot hottest experts (by
+    the true loads) of |pred load - true load| / true load; ``same_set`` = the policy's shadow
+    set from the prediction equals its set from the true counts (when a policy is given)."""
+    p, t = as_counts(pred), as_counts(true)
+    lp, lt = p.sum(axis=0), t.sum(axis=0)
+    hot = np.argsort(-lt, kind="stable")[:n_hot]
+    err = float(np.max(np.abs(lp[hot] - lt[hot]) / np.maximum(lt[hot], 1e-12)))
+    out: dict = {"hot_experts": [int(e) for e in hot], "hot_load_rel_err": err}
+    if policy is not None:
+        out["same_set"] = sorted(policy(p)) == sorted(policy(t))
+    return out
