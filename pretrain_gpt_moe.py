@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--megatron-args-file", metavar="PATH",
                    help="a file of Megatron-LM flags (read before --megatron-args)")
+    p.add_argument("--plan-layout", nargs="?", const=True, default=None, metavar="TRACE",
+                   help="with --describe --cluster: rank expert-parallel layouts (Aristos "
+                        "objective); TRACE (run dir or routing trace) replaces balanced routing")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
@@ -69,6 +72,9 @@ def _describe(cfg, args: argparse.Namespace) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(d, indent=2) + "\n")
+    if args.plan_layout:
+        from megatron_moe_ext.traffic.planner import plan_layout_cli
+        return plan_layout_cli(cfg, args.cluster, args.world_size, args.plan_layout, args.json)
     return 0
 
 
@@ -101,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.describe:
         return _describe(cfg, args)
-    if args.json or args.cluster or args.world_size:
-        sys.stderr.write("--json, --cluster and --world-size only apply with --describe\n")
+    if args.json or args.cluster or args.world_size or args.plan_layout:
+        sys.stderr.write("--json, --cluster, --world-size and --plan-layout only apply with "
+                         "--describe\n")
         return 2
     from megatron_moe_ext.megatron.versions import UnsupportedMegatronCore
     from megatron_moe_ext.training.loop import run

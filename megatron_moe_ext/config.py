@@ -371,6 +371,14 @@ class LoggingConfig:
     where the experts are per-expert modules, else estimated)."""
     hot_experts: int = 3
     """How many of the most loaded experts each MoE layer's record names (`hot_experts`)."""
+    routing_trace: bool = False
+    """Write the routing trace: per logged iteration and MoE layer, the all-gathered [W, E]
+    token counts (W data-parallel ranks, E experts) to `<logging.dir>/routing_trace.bin`
+    (megatron_moe_ext/traffic/trace.py; read it with `scripts/traffic_report.py`). One
+    all-gather per logging step; pipeline parallel 1 only."""
+    routing_trace_tokens: int = 0
+    """With `routing_trace`: also record the experts chosen by this many tokens of each rank's
+    first micro-batch in every layer (the same tokens in consecutive layers). 0: counts only."""
 
 
 @dataclass
@@ -646,6 +654,12 @@ def validate(cfg: Config) -> None:
         _require_package("logging.wandb.enabled: true", "wandb", "wandb==0.31.0")
     _choice("runtime.device", cfg.runtime.device, ["auto", "cpu", "cuda"])
     _choice("runtime.backend", cfg.runtime.backend, ["auto", "nccl", "gloo"])
+    _positive("logging.routing_trace_tokens", cfg.logging.routing_trace_tokens, allow_zero=True)
+    if cfg.logging.routing_trace_tokens and not cfg.logging.routing_trace:
+        raise ConfigError("logging.routing_trace_tokens needs logging.routing_trace: true")
+    if cfg.logging.routing_trace and cfg.parallel.pipeline > 1:
+        raise ConfigError("logging.routing_trace: pipeline parallel > 1 is not supported yet "
+                          f"(parallel.pipeline={cfg.parallel.pipeline}); set it to false")
 
 
 def _require_package(setting: str, module: str, pin: str) -> None:

@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "moe.router.load_balancing_type=none)")
     p.add_argument("--log-level", default=D.log_level,
                    help="rank-0 log level (default: %(default)s)")
+    p.add_argument("--routing-trace", metavar="PATH",
+                   help="replay a routing trace (run dir or file; logging.routing_trace) "
+                        "instead of --skew: rank r routes EP rank r's recorded counts")
+    p.add_argument("--layer", type=int, metavar="N",
+                   help="with --routing-trace: the traced MoE layer (default: the first)")
+    p.add_argument("--trace-record", type=int, default=D.trace_record, metavar="I",
+                   help="with --routing-trace: record to replay, negative from the end "
+                        "(default: %(default)s, the last logged iteration)")
     p.add_argument("--compute", choices=["real", "emulated"], default="real",
                    help="real: megatron-core layers on this machine; emulated: the scale lab "
                         "(megatron_moe_ext/lab, emulated accelerators, no megatron-core; "

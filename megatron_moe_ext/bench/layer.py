@@ -85,6 +85,12 @@ class LayerBenchOptions:
     """Extra dotted config overrides (KEY=VALUE)."""
     log_level: str = "INFO"
     """Rank-0 log level."""
+    routing_trace: Optional[str] = None
+    """Replay this routing trace (traffic/replay.py) instead of Zipf(skew): EP rank r's counts."""
+    layer: Optional[int] = None
+    """With routing_trace: the traced MoE layer number (default: the first)."""
+    trace_record: int = -1
+    """With routing_trace: index of the record (logged iteration) to replay, -1 the last."""
 
     def __post_init__(self) -> None:
         if min(self.iters, self.tokens, self.world_size) < 1 or self.warmup < 0:
@@ -209,8 +215,15 @@ def build_case(opts: LayerBenchOptions, pg: Any, rank: int, world: int, device: 
     gen = torch.Generator().manual_seed(opts.seed * 1000 + rank)
     x = torch.randn(opts.tokens, 1, opts.hidden, generator=gen).to(dtype).to(device)
     gy = torch.randn(opts.tokens, 1, opts.hidden, generator=gen).to(dtype).to(device)
-    routing_map, bias = lb.make_routing(opts.tokens, opts.experts, opts.topk, opts.skew,
-                                        seed=opts.seed * 1000 + rank)
+    if opts.routing_trace:  # recorded routing (replay) instead of Zipf(skew)
+        from megatron_moe_ext.traffic.replay import bench_routing
+
+        routing_map, bias, _ = bench_routing(opts.routing_trace, rank, world, opts.experts,
+                                             opts.topk, opts.tokens, opts.layer,
+                                             opts.trace_record, seed=opts.seed * 1000 + rank)
+    else:
+        routing_map, bias = lb.make_routing(opts.tokens, opts.experts, opts.topk, opts.skew,
+                                            seed=opts.seed * 1000 + rank)
     lb.apply_routing({"megatron": stock, "fastermoe": faster}, bias, x, routing_map, what=what,
                      gated=gated)
     counts = lb.gather_counts(routing_map, pg.ep)
@@ -249,7 +262,7 @@ def worker(opts: LayerBenchOptions) -> None:
                 rt.device)
 
     # balance bound: stock Megatron also timed on balanced routing (its router re-forced)
-    balanced = opts.skew > 0 and "megatron" in impls
+    balanced = (opts.skew > 0 or bool(opts.routing_trace)) and "megatron" in impls
     runs = {name: (layers[name], case.bias) for name in impls}  # name -> (layer, logit bias)
     if balanced:
         bal_map, bal_bias = lb.make_routing(opts.tokens, opts.experts, opts.topk, 0.0,

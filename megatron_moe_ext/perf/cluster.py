@@ -27,6 +27,10 @@ name such as ``johnny`` resolves in a checkout and after ``pip install .`` alike
 :func:`load_cluster` reads a file, :func:`save_cluster` writes one (the inverse:
 ``load_cluster(p)`` after ``save_cluster(spec, p)`` equals ``spec``; comments are not kept).
 
+Two optional keys serve the traffic tools (megatron_moe_ext/traffic/, docs/traffic.md):
+``memory_gib`` (memory of one worker, the layout planner's constraint) and ``link_costs``
+(``{kind: {usd, usd_per_gbps}}``, prices for the fabric what-ifs' performance per cost).
+
 Calibrated files (``scripts/calibrate.py``) carry a ``calibration`` mapping recording where
 and how they were measured; :func:`calibration_note` says when it was another machine. The
 shipped ``local-cpu.yaml`` is such a calibration, made on 2026-11-22 on a 2-core CPU VM that
@@ -128,6 +132,20 @@ class NicSpec(_Bandwidth):
 
 
 @dataclass(frozen=True)
+class LinkCost:
+    """Price of one physical link of a kind: ``usd + usd_per_gbps * gbps``."""
+
+    usd: float = 0.0
+    """Fixed part per link (e.g. a circuit-switch port, whatever its rate)."""
+    usd_per_gbps: float = 0.0
+    """Part growing with the link's rate (NIC, transceivers, packet-switch port)."""
+
+    def price(self, gbps: float, count: int = 1) -> float:
+        """USD of ``count`` links of ``gbps`` each."""
+        return count * (self.usd + self.usd_per_gbps * gbps)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """A cluster: identical nodes, an intra-node link graph, NICs and GEMM throughput."""
 
@@ -162,6 +180,14 @@ class ClusterSpec:
     timed with), ``date_utc``, ``tool`` (e.g. ``scripts/calibrate.py``), ``command``,
     ``torch``, ``threads_per_worker``, ``notes``. :func:`calibration_note` compares it with
     the current machine."""
+    link_costs: Mapping[str, "LinkCost"] = field(default_factory=dict)
+    """Optional prices per link ``kind`` (``nic`` for NICs, e.g. ``pcie``, ``nvlink``; the
+    fabric what-ifs also use ``uplink`` for switch-to-switch links and ``ocs`` for optical
+    circuits): YAML ``link_costs: {nic: {usd: 300, usd_per_gbps: 8}}``, a physical link
+    costs ``count * (usd + usd_per_gbps * gbps)`` (transceivers, cables and switch ports
+    included). Used only for performance per cost (megatron_moe_ext/traffic/fabric.py)."""
+    memory_gib: Optional[float] = None
+    """Optional memory of one worker in GiB: the layout planner's memory constraint."""
 
     @property
     def num_workers(self) -> int:
@@ -171,7 +197,7 @@ class ClusterSpec:
 
 _TOP_KEYS = {
     "name", "nodes", "workers_per_node", "gemm_tflops", "gemm_curve", "links", "nics",
-    "inter_node", "description", "duplex", "calibration",
+    "inter_node", "description", "duplex", "calibration", "link_costs", "memory_gib",
 }
 DUPLEX_MODES = ("full", "half")
 """Accepted values of the top-level ``duplex`` key."""
@@ -292,7 +318,27 @@ def cluster_spec_from_dict(data: Mapping[str, Any], source: str = "<cluster>") -
         links=tuple(links), nics=tuple(nics), inter_switch=switch, gemm_curve=curves,
         description=str(data.get("description", "")), duplex=duplex,
         calibration=_calibration(source, data.get("calibration")),
+        link_costs=_link_costs(source, data.get("link_costs")),
+        memory_gib=(None if data.get("memory_gib") is None
+                    else _number(f"{source}: memory_gib", data["memory_gib"])),
     )
+
+
+def _link_costs(source: str, raw: Any) -> dict[str, LinkCost]:
+    """Validate the optional ``link_costs`` mapping: kind -> {usd, usd_per_gbps}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ClusterSpecError(f"{source}: link_costs: expected a mapping kind -> "
+                               "{usd, usd_per_gbps}")
+    out = {}
+    for kind, cost in raw.items():
+        where = f"{source}: link_costs.{kind}"
+        _check_keys(where, cost, {"usd", "usd_per_gbps"}, ())
+        out[str(kind)] = LinkCost(
+            usd=_number(f"{where}.usd", cost.get("usd", 0.0), False),
+            usd_per_gbps=_number(f"{where}.usd_per_gbps", cost.get("usd_per_gbps", 0.0), False))
+    return out
 
 
 def _calibration(source: str, raw: Any) -> Optional[dict[str, Any]]:
@@ -388,6 +434,11 @@ def cluster_to_dict(spec: ClusterSpec) -> dict[str, Any]:
     out["inter_node"] = _FlowDict(switch=spec.inter_switch)
     if spec.calibration is not None:
         out["calibration"] = dict(spec.calibration)
+    if spec.link_costs:
+        out["link_costs"] = {k: _FlowDict(usd=_plain(c.usd), usd_per_gbps=_plain(c.usd_per_gbps))
+                             for k, c in spec.link_costs.items()}
+    if spec.memory_gib is not None:
+        out["memory_gib"] = _plain(spec.memory_gib)
     return out
 
 

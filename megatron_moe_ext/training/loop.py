@@ -202,6 +202,9 @@ class Trainer:
         self.load_tracker = ExpertLoadTracker(self.model, cfg.moe.num_experts)
         self.time_tracker = LayerTimeTracker(self.model)
         self.imbalance_tracker = ImbalanceTracker(self.model, cfg)
+        from megatron_moe_ext.traffic.recorder import recorder_from_config  # logging.routing_trace
+        self.routing_recorder = recorder_from_config(
+            cfg, self.model, self.ps.get_data_parallel_group(), self.num_microbatches)
         self.writer = MetricsWriter(cfg, enabled=self.rt.rank == 0)
         self.stop = _StopRequest(cfg.checkpoint.save_on_signal)
         n_params = sum(p.numel() for p in self.model[0].parameters())
@@ -407,6 +410,8 @@ class Trainer:
                 logger.warning("iteration %d skipped: non-finite gradients", st.iteration)
             if st.iteration % cfg.logging.interval == 0 or st.iteration == end:
                 rec = self._record(losses, grad_norm, window_t / window_n, window_n)
+                if self.routing_recorder is not None:
+                    self.routing_recorder.record(st.iteration)
                 self.writer.write(rec)
                 logger.info(
                     "iter %d/%d | loss %.4f | lr %.3e | grad norm %.3f | %.1f ms/iter | "
