@@ -20,7 +20,34 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["zipf_expert_counts", "zipf_counts"]
+__all__ = ["capped_largest_remainder", "zipf_expert_counts", "zipf_counts"]
+
+
+def capped_largest_remainder(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """Integer counts [E] summing to ``total`` in proportion to ``weights``, each <= ``cap``.
+
+    Largest remainder (ties to the lowest id); an entry above ``cap`` (a token cannot pick one
+    expert twice) is capped and its excess goes to the others by weight (water-filling); zero
+    weights share only what the positive ones cannot hold.
+    """
+    p = np.asarray(weights, dtype=float)
+    if total > cap * p.size:
+        raise ValueError(f"{total} copies cannot fit {p.size} experts of at most {cap}")
+    out = np.zeros(p.size, dtype=np.int64)
+    left = np.ones(p.size, dtype=bool)
+    remaining = int(total)
+    while remaining > 0:
+        w = p * left if (p * left).sum() > 0 else left.astype(float)
+        share = remaining * w / w.sum()
+        add = np.floor(share).astype(np.int64)
+        for e in np.argsort(-(share - add), kind="stable")[:remaining - int(add.sum())]:
+            add[e] += 1
+        out += add
+        over = np.maximum(out - cap, 0)
+        out -= over
+        left &= out < cap
+        remaining = int(over.sum())
+    return out
 
 
 def zipf_expert_counts(num_tokens: int, num_experts: int, topk: int, skew: float) -> np.ndarray:
@@ -36,22 +63,7 @@ def zipf_expert_counts(num_tokens: int, num_experts: int, topk: int, skew: float
     total = num_tokens * topk
     p = (np.arange(num_experts) + 1.0) ** -float(skew)
     p /= p.sum()
-    counts = np.zeros(num_experts, dtype=np.int64)
-    left = np.ones(num_experts, dtype=bool)
-    remaining = total
-    while remaining > 0:  # water-filling: cap at T, redistribute the excess by p
-        share = remaining * p * left / (p * left).sum()
-        add = np.floor(share).astype(np.int64)
-        rest = remaining - add.sum()
-        order = np.argsort(-(share - add), kind="stable")
-        for e in order[:rest]:
-            add[e] += 1
-        counts += add
-        over = np.maximum(counts - num_tokens, 0)
-        counts -= over
-        left &= counts < num_tokens
-        remaining = int(over.sum())
-    return counts
+    return capped_largest_remainder(p, total, num_tokens)
 
 
 def zipf_counts(num_workers: int, num_experts: int, tokens_per_worker: int, topk: int = 1,

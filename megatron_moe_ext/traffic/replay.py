@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from megatron_moe_ext.routing import capped_largest_remainder
+
 from .trace import RoutingTrace
 
 
@@ -58,21 +60,7 @@ def scale_counts(counts: np.ndarray, num_tokens: int, topk: int) -> np.ndarray:
     if topk > c.size:
         raise ValueError(f"topk={topk} > {c.size} experts")
     p = c / c.sum() if c.sum() > 0 else np.ones_like(c)
-    out = np.zeros(c.size, dtype=np.int64)
-    left = np.ones(c.size, dtype=bool)
-    remaining = total
-    while remaining > 0:  # largest remainder, capped at T, excess redistributed
-        w = p * left if (p * left).sum() > 0 else left.astype(float)
-        share = remaining * w / w.sum()
-        add = np.floor(share).astype(np.int64)
-        for e in np.argsort(-(share - add), kind="stable")[:remaining - int(add.sum())]:
-            add[e] += 1
-        out += add
-        over = np.maximum(out - num_tokens, 0)
-        out -= over
-        left &= out < num_tokens
-        remaining = int(over.sum())
-    return out
+    return capped_largest_remainder(p, total, num_tokens)
 
 
 def replay_counts(trace: RoutingTrace, layer: Optional[int] = None,
