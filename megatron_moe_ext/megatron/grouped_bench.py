@@ -20,7 +20,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from megatron_moe_ext.megatron.layer_builder import Region, config_from_overrides, max_over_ranks
+from megatron_moe_ext.megatron.layer_builder import (
+    config_from_overrides,
+    max_over_ranks,
+    time_layer,
+)
 
 __all__ = ["build_layer", "time_layers", "gemm_efficiency", "grouped_vs_sequential", "run_bench",
            "bench_worker", "markdown_table"]
@@ -56,13 +60,7 @@ def time_layers(layers: dict[str, torch.nn.Module], x: torch.Tensor, gy: torch.T
     for it in range(warmup + iters):
         order = names[it % len(names):] + names[:it % len(names)]
         for n in order:
-            layer = layers[n]
-            layer.zero_grad(set_to_none=True)
-            xi = x.detach().requires_grad_(True)
-            with Region(sync) as fwd:
-                out, _ = layer(xi)
-            with Region(sync) as bwd:
-                out.backward(gy)
+            _, fwd, bwd = time_layer(layers[n], x, gy, sync)
             if it >= warmup:
                 samples[n].append(max_over_ranks([fwd.wall, bwd.wall, fwd.cpu + bwd.cpu]))
     res = {}

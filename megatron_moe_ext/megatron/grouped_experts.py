@@ -120,18 +120,6 @@ class GroupedGemmExperts(SequentialMLP):
         check_alignment({"hidden_size": cfg.hidden_size, "moe_ffn_hidden_size": ffn,
                          "fc1 output": fc1}, cfg.params_dtype)
 
-    def _activation(self, h: torch.Tensor) -> torch.Tensor:
-        """MLP.forward's unfused activation (bias-free), elementwise so it commutes with the
-        grouping."""
-        cfg = self.config
-        if cfg.gated_linear_unit:
-            x_glu, x_lin = torch.chunk(h, 2, dim=-1)
-            if (val := cfg.activation_func_clamp_value) is not None:
-                x_glu = x_glu.clamp(min=None, max=val)
-                x_lin = x_lin.clamp(min=-val, max=val)
-            return cfg.activation_func(x_glu) * (x_lin + cfg.glu_linear_offset)
-        return cfg.activation_func(h)
-
     def forward(
         self,
         permuted_local_hidden_states: torch.Tensor,
