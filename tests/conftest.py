@@ -23,8 +23,10 @@ MEGATRON_FACING = (
     "tests/training/test_router_options.py::test_both_implementations_same_loss[group_limited]",
     "tests/training/test_router_options.py::test_router_option_config_errors",
     "tests/training/test_router_options.py::test_options_reach_megatron",
-    # the Megatron-LM habits (flags, load == save)
-    "tests/test_megatron_habits.py",
+    # the Megatron-LM habits that touch megatron-core (load == save); the flag translation is
+    # pure config (and its job line asks for wandb, which .venv-mcore019 does not install)
+    "tests/test_megatron_habits.py::test_load_equal_to_missing_save_starts_from_scratch",
+    "tests/test_megatron_habits.py::test_docs_tables_match_the_code",
 )
 """Node-id prefixes of the Megatron-facing tests."""
 

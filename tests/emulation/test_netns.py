@@ -287,9 +287,9 @@ def test_calibrate_under_emulation_recovers_the_nic(tmp_path):
     print(f"NIC ping-pong {m['pingpong_gbps']:.3f}, exchange {m['exchange_gbps']:.3f} Gbit/s")
     ratio = m["exchange_gbps"] / m["pingpong_gbps"]
     assert spec.duplex == ("half" if ratio < 0.7 else "full")
-    # gloo with sends posted first: the directions take turns most of the time (ratio ~0.5;
-    # 0.68 seen once in 7 runs, when they partly overlapped), never a free full duplex
-    assert ratio < 0.85, ratio
+    # gloo with sends posted first: the directions take turns most of the time (ratio ~0.5),
+    # but it is a race (0.68 and, on 2026-12-01 in CI, 0.96 seen): what the calibration writes
+    # must follow the measured ratio (checked above); gloo's own behaviour is not asserted.
     from megatron_moe_ext.perf.model import all_to_all_time
     from megatron_moe_ext.perf.topology import build_topology
 
