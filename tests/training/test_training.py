@@ -110,26 +110,6 @@ def test_dp_reshardable_checkpoint_refuses_other_layout_clearly(tmp_path):
     assert (tmp_path / "ckpt" / "iter_0000003" / "COMPLETE").is_file()  # nothing was lost
 
 
-@pytest.mark.timeout(300)
-def test_ep4_four_processes(tmp_path):
-    torchrun(run_args(tmp_path, *MOCK, "train.iters=12", "parallel.expert=4",
-                      "train.global_batch_size=16"), nproc=4)
-    _falls(_losses(tmp_path), margin=0.3)
-
-
-@pytest.mark.timeout(300)
-def test_pipeline_parallel_2_with_expert_parallel(tmp_path):
-    """PP=2 x DP=2 with EP=2 inside each stage, 4 micro-batches per iteration."""
-    torchrun(run_args(tmp_path, *MOCK, "train.iters=12", "parallel.pipeline=2",
-                      "parallel.expert=2", "train.micro_batch_size=2",
-                      "train.global_batch_size=16"), nproc=4)
-    losses = _losses(tmp_path)
-    assert sorted(losses) == list(range(1, 13))
-    _falls(losses, margin=0.3)
-    last = read_metrics(tmp_path / "metrics.jsonl")[-1]["moe"]
-    assert set(last) == {"layer_1", "layer_2"}  # both stages' MoE layers reach rank 0's log
-
-
 @pytest.mark.timeout(400)
 def test_bert_moe_trains_with_both_implementations(tmp_path, text_data):
     """BERT-MoE (masked LM + sentence order) on the sentence-split demo data: both moe.impl
