@@ -227,6 +227,23 @@ def _patch_megatron() -> None:
     import torch._dynamo
 
     _patch(torch._dynamo.config, "disable", True)
+    _patch_checkpoint_results_queue()
+
+
+def _patch_checkpoint_results_queue() -> None:
+    """megatron-core 0.16 .. 0.19 dist_checkpointing/strategies/filesystem_async.py: the write
+    results of a save travel through a queue served by a *spawned* multiprocessing Manager
+    (module global ``_results_queue``, made on first use). Unpickling the results there imports
+    torch in a fresh interpreter: 2.6 s per process on the first save, on a 2-core machine as long
+    as the rest of a small run. This runtime only saves synchronously (``dist_checkpointing.save``
+    runs the writer in the calling process and reads the queue right after), so an in-process
+    queue carries the same objects. Async saves (a persistent writer process) are not offered."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", _MISSING) is None:
+        _patch(filesystem_async, "_results_queue", queue.Queue())
 
 
 def activate() -> None:

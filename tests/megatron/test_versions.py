@@ -68,6 +68,9 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
         results["refused"] = None
     except model_mod.MoEImplementationError as exc:
         results["refused"] = str(exc)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results["results_queue"] = type(filesystem_async._results_queue).__module__
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     ps.destroy_model_parallel()
@@ -101,6 +104,13 @@ def test_check_refuses_a_stock_layer_for_fastermoe(built):
     assert msg is not None
     assert "decoder.layers.0.mlp" in msg and "FasterMoELayer" in msg
     assert "moe_layer.MoELayer" in msg and f"megatron-core {versions.version_string()}" in msg
+
+
+@pytest.mark.timeout(300)
+def test_cpu_runtime_keeps_checkpoint_results_in_process(built):
+    """runtime/cpu.py: the save's write results go through an in-process queue, not a spawned
+    Manager (which imports torch again: 2.6 s per process on the first save)."""
+    assert built["results_queue"] == "queue"
 
 
 def test_installed_version_is_supported():
