@@ -53,21 +53,24 @@ class PreviousIterationPredictor:
 
 
 def transition_pairs(idx_below: Any, idx_above: Any, num_experts: int) -> np.ndarray:
-    """[E, E] pair counts of one batch: token t adds 1/k to C[a, b] for a in idx_below[t],
-    b in idx_above[t] (both [T, k]; same tokens in the same order)."""
+    """[E, E] pair counts of one batch: token t adds 1/k_t to C[a, b] for every a in
+    idx_below[t] and b in idx_above[t], k_t = the token's valid experts above, so row a gains
+    exactly the token's copies sent to a. Both [..., T, k] (same tokens in the same order;
+    leading dims, e.g. workers of a trace record, are flattened); -1 entries (no expert, as in
+    trace ``choices``) are ignored. The one transition count of the package (the predictor
+    below and the traffic report's successor share)."""
     lo = np.asarray(idx_below.detach().cpu() if hasattr(idx_below, "detach") else idx_below)
     hi = np.asarray(idx_above.detach().cpu() if hasattr(idx_above, "detach") else idx_above)
-    if lo.ndim == 1:
-        lo = lo[:, None]
-    if hi.ndim == 1:
-        hi = hi[:, None]
+    lo = lo[:, None] if lo.ndim == 1 else lo.reshape(-1, lo.shape[-1])
+    hi = hi[:, None] if hi.ndim == 1 else hi.reshape(-1, hi.shape[-1])
     if lo.shape[0] != hi.shape[0]:
         raise ValueError(f"token counts differ: {lo.shape[0]} below, {hi.shape[0]} above")
-    k_lo, k_hi = lo.shape[1], hi.shape[1]
+    valid_hi = (hi >= 0).sum(axis=1)  # [T]
     c = np.zeros((num_experts, num_experts))
-    a = np.repeat(lo, k_hi, axis=1).reshape(-1)
-    b = np.tile(hi, (1, k_lo)).reshape(-1)
-    np.add.at(c, (a, b), 1.0 / k_hi)
+    for i in range(lo.shape[1]):
+        for j in range(hi.shape[1]):
+            ok = (lo[:, i] >= 0) & (hi[:, j] >= 0)
+            np.add.at(c, (lo[ok, i], hi[ok, j]), 1.0 / valid_hi[ok])
     return c
 
 
@@ -105,12 +108,13 @@ class TransitionPredictor:
 def prediction_metrics(pred: Any, true: Any, n_hot: int = 2,
                        policy: Optional[Callable[[np.ndarray], Sequence[int]]] = None) -> dict:
     """How good one prediction is: ``hot_load_rel_err`` = max over the n_hot hottest experts (by
-    the true loads) of |pred load - true load| / true load; ``same_set`` = the policy's shadow
-    set from the prediction equals its set from the true counts (when a policy is given)."""
+    the true loads; an idle one is left out) of |pred load - true load| / true load;
+    ``same_set`` = the policy's shadow set from the prediction equals its set from the true
+    counts (when a policy is given)."""
     p, t = as_counts(pred), as_counts(true)
     lp, lt = p.sum(axis=0), t.sum(axis=0)
-    hot = np.argsort(-lt, kind="stable")[:n_hot]
-    err = float(np.max(np.abs(lp[hot] - lt[hot]) / np.maximum(lt[hot], 1e-12)))
+    hot = [e for e in np.argsort(-lt, kind="stable")[:n_hot] if lt[e] > 0]  # idle: no error
+    err = float(np.max(np.abs(lp[hot] - lt[hot]) / lt[hot])) if hot else 0.0
     out: dict = {"hot_experts": [int(e) for e in hot], "hot_load_rel_err": err}
     if policy is not None:
         out["same_set"] = sorted(policy(p)) == sorted(policy(t))

@@ -221,24 +221,9 @@ def expert_popularity(counts: np.ndarray) -> np.ndarray:
     return np.divide(c, tot, out=np.zeros_like(c), where=tot > 0)
 
 
-def transitions(choices_a: np.ndarray, choices_b: np.ndarray, num_experts: int) -> np.ndarray:
-    """[E, E] token counts: M[e, f] = tokens that chose e in one layer and f in the next.
-
-    ``choices_a`` / ``choices_b`` [..., t, k] are the same tokens' experts in two consecutive
-    layers (trace ``choices``; -1 entries are ignored); every (e, f) pair of a token counts.
-    """
-    a = np.asarray(choices_a).reshape(-1, np.asarray(choices_a).shape[-1])
-    b = np.asarray(choices_b).reshape(-1, np.asarray(choices_b).shape[-1])
-    M = np.zeros((num_experts, num_experts))
-    for i in range(a.shape[1]):
-        for j in range(b.shape[1]):
-            ok = (a[:, i] >= 0) & (b[:, j] >= 0)
-            np.add.at(M, (a[ok, i], b[ok, j]), 1.0)
-    return M
-
-
 def successor_share(M: np.ndarray) -> float:
-    """Share of transitions that go to each expert's most frequent successor (weighted by
-    the expert's transitions); independent layers with balanced routing give about 1 / E."""
+    """Share of transitions (an [E, E] ``core.popularity.transition_pairs`` matrix) that go to
+    each expert's most frequent successor (weighted by the expert's transitions); independent
+    layers with balanced routing give about 1 / E."""
     tot = M.sum()
     return float(M.max(axis=1).sum() / tot) if tot > 0 else 0.0

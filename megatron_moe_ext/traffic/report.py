@@ -12,7 +12,8 @@ Notation: I records, L layers, W workers, E experts, M workers per node, k regio
 - ``summary.md`` and ``summary.json``: the figures of :mod:`.locality` per layer, how far
   the routing is from balanced (max / mean expert load) and what that costs per the
   performance model (stock Megatron's sync schedule vs FasterMoE's smart schedule on the
-  same counts vs balanced counts), and the fabric what-ifs of :mod:`.fabric`.
+  same counts vs balanced counts), how well the shadow-prefetch predictors foresee the
+  popularity (:mod:`.prediction`), and the fabric what-ifs of :mod:`.fabric`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..perf.cluster import ClusterSpec
+from ..core.popularity import transition_pairs
 from . import locality as loc
+from .prediction import format_accuracy, predictor_accuracy
 from .trace import RoutingTrace
 
 logger = logging.getLogger(__name__)
@@ -172,8 +175,12 @@ def build_report(trace: RoutingTrace, out_dir: str | Path, cluster: Optional[Clu
         recs = [c for c in trace.choices if c is not None]
         summary["transitions"] = {
             f"{h.layers[p]}->{h.layers[p + 1]}": loc.successor_share(sum(
-                loc.transitions(c[p], c[p + 1], h.num_experts) for c in recs))
+                transition_pairs(c[p], c[p + 1], h.num_experts) for c in recs))
             for p in range(len(h.layers) - 1)}
+    if len(trace) >= 2:
+        summary["prediction"] = predictor_accuracy(trace)
+        if len(trace) >= 8:  # the second half alone: routing has settled
+            summary["prediction_second_half"] = predictor_accuracy(trace, start=len(trace) // 2)
     fig, axes = plt.subplots(len(h.layers), 1, figsize=(7, 2.4 * len(h.layers)), squeeze=False)
     for ax, pos in zip(axes[:, 0], range(len(h.layers))):
         pop = loc.expert_popularity(trace.counts[:, pos].astype(float))  # [I, E]
@@ -266,6 +273,14 @@ def format_summary(s: dict[str, Any], fabric_md: str = "") -> str:
                   "that go to the most frequent successor of the layer-l expert (recorded "
                   "tokens; about 1 / E when the layers are independent): " + ", ".join(
                       f"{k}: {100 * v:.1f}%" for k, v in s["transitions"].items()) + ".", ""]
+    if s.get("prediction"):
+        lines += ["## Popularity prediction (shadow prefetch)", "", "Each record's counts "
+                  "predicted from what was known before its layer routed "
+                  "(megatron_moe_ext/traffic/prediction.py; `balanced` is the reference):", "",
+                  format_accuracy(s["prediction"])]
+        if s.get("prediction_second_half"):
+            lines += [f"The same over records {s['prediction_second_half']['start']}.."
+                      f"{s['records'] - 1} only:", "", format_accuracy(s["prediction_second_half"])]
     if fabric_md:
         lines += ["## Fabric what-ifs (performance model)", "", fabric_md]
     elif s.get("fabrics_skipped"):

@@ -76,3 +76,11 @@ def test_metrics_hot_load_error_and_same_shadow_set():
     assert m["hot_experts"] == [0] and m["hot_load_rel_err"] == 0.0 and m["same_set"]
     m = prediction_metrics(bad, true, n_hot=1, policy=policy)
     assert m["hot_load_rel_err"] == pytest.approx(16 / 18) and not m["same_set"]
+
+
+def test_an_idle_hot_expert_has_no_relative_error():
+    """Top-1 collapse: one expert takes every token, so the 'second hottest' is idle."""
+    true = np.array([[8.0, 0.0, 0.0, 0.0]])
+    m = prediction_metrics(np.array([[6.0, 2.0, 0.0, 0.0]]), true, n_hot=2)
+    assert m["hot_load_rel_err"] == 0.25
+    assert prediction_metrics(true, np.zeros((1, 4)), n_hot=2)["hot_load_rel_err"] == 0.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megatron_moe_ext.core.popularity import transition_pairs
 from megatron_moe_ext.traffic import locality as loc
 
 
@@ -85,14 +86,16 @@ def test_similarity_and_stability() -> None:
     assert loc.windows(flip, 2).shape == (2, 8, 8)
 
 
-def test_transitions_between_consecutive_layers() -> None:
-    """Tokens {0,1}->{1,2}, {2}->{2,3}, {3,0}->{1}: pairs (0,1) (0,2) (1,1) (1,2) (2,2) (2,3)
-    (3,1) (0,1); most frequent successors 0->1 (2), 1->1 or 2 (1), 2->2 or 3 (1), 3->1 (1):
-    5 of 8 transitions."""
-    a = np.array([[0, 1], [2, -1], [3, 0]])  # [t=3, k=2], -1: no expert
+def test_successor_share_of_consecutive_layers() -> None:
+    """Tokens {0,1}->{1,2}, {2}->{2,3}, {3,0}->{1} (-1: no expert): each token's copies below
+    are split over its experts above, so M = [[0, 1.5, .5, 0], [0, .5, .5, 0], [0, 0, .5, .5],
+    [0, 1, 0, 0]] (5 copies); most frequent successors carry 1.5 + .5 + .5 + 1 of them."""
+    a = np.array([[0, 1], [2, -1], [3, 0]])  # [t=3, k=2]
     b = np.array([[1, 2], [2, 3], [1, -1]])
-    M = loc.transitions(a, b, 4)
-    assert M.tolist() == [[0, 2, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]]
-    assert loc.successor_share(M) == 5 / 8
+    M = transition_pairs(a, b, 4)
+    assert M.tolist() == [[0, 1.5, .5, 0], [0, .5, .5, 0], [0, 0, .5, .5], [0, 1, 0, 0]]
+    assert loc.successor_share(M) == 3.5 / 5
     top1 = np.array([[0], [1], [2], [3], [0]])
-    assert loc.successor_share(loc.transitions(top1, (top1 + 1) % 4, 4)) == 1.0
+    assert loc.successor_share(transition_pairs(top1, (top1 + 1) % 4, 4)) == 1.0
+    # leading dims (workers of a trace record) flatten to tokens
+    assert np.array_equal(transition_pairs(a[None], b[None], 4), M)
