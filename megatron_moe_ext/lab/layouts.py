@@ -308,10 +308,10 @@ def summarize(check: LayoutCheck, rows: list[dict[str, Any]], shape: dict[str, A
     if check.floor_json:
         floor = {r["label"]: r for r in json.loads(Path(check.floor_json).read_text())["rows"]}
         for r in rows:
-            f = floor.get(r["label"])
-            for key in ("layer", "objective"):
-                r[f"floor_{key}_fraction"] = (f[f"{key}_lab_s"] / r[f"{key}_lab_s"]
-                                              if f else None)
+            f = floor.get(r["label"])  # same calls; the floor's kappa may differ
+            r["floor_layer_fraction"] = f["layer_lab_s"] / r["layer_lab_s"] if f else None
+            r["floor_objective_fraction"] = ((r["kappa"] * f["layer_lab_s"] + f["allreduce_lab_s"])
+                                             / r["objective_lab_s"] if f else None)
     measured = [r["objective_lab_s"] for r in rows]
     req = sum(r["sleep_requested_s"] for r in rows)
     act = sum(r["sleep_actual_s"] for r in rows)
