@@ -68,6 +68,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="duration of the local GEMM measurement for --scale auto")
     p.add_argument("--no-intra-limit", action="store_true",
                    help="do not rate-limit intra-node traffic (lo)")
+    p.add_argument("--intra-bus", choices=["link", "aggregate"], default="link",
+                   help="size of the shared intra-node limit on lo: one link's rate (link) or "
+                        "the rate at which the node's uniform all-to-all takes the model's "
+                        "time (aggregate, what the scale lab's 8-worker nodes need)")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--timeout", type=float, default=None, help="stop the run after S seconds")
     p.add_argument("--grace", type=float, default=30.0,
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = EmulatedCluster(
             spec, scale, args.nodes, args.workers_per_node, args.delay_ms,
             intra_limit=not args.no_intra_limit, master_port=args.master_port,
-            dry_run=args.dry_run,
+            dry_run=args.dry_run, intra_bus=args.intra_bus,
         )
         total = cluster.nodes * cluster.workers_per_node
         if total > (os.cpu_count() or 1):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["r_squared", "median"]
+__all__ = ["r_squared", "median", "ranks", "spearman"]
 
 
 def r_squared(measured: Sequence[Optional[float]], predicted: Sequence[Optional[float]],
@@ -29,3 +29,33 @@ def median(values: Iterable[float]) -> Optional[float]:
     """Median as a float, None for no values."""
     xs = list(values)
     return float(statistics.median(xs)) if xs else None
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of ``values`` (smallest first); tied values share their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    """Spearman's rank correlation of two equally long sequences: Pearson's r of their
+    :func:`ranks` (ties get mean ranks). None for fewer than 2 pairs or a constant one."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} vs {len(b)} values")
+    if len(a) < 2:
+        return None
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else None

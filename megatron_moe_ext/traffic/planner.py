@@ -126,6 +126,10 @@ class Candidate:
     """Why the layout cannot run (memory, config), None when it can."""
     memory: dict[str, Any] = field(default_factory=dict)
     """describe's memory breakdown."""
+    kappa: int = 1
+    """MoE layer calls per iteration (MoE layers x micro-batches): moe_ms = kappa x layer_ms."""
+    allreduce_bytes: float = 0.0
+    """S: expert-gradient bytes each worker all-reduces (its E / ep experts x MoE layers)."""
 
     @property
     def label(self) -> str:
@@ -152,17 +156,24 @@ def group_sets(topology: Topology, ep: int) -> dict[str, list[list[int]]]:
     return sets
 
 
+def allreduce_rings(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The expert-gradient all-reduce's rings: ring r joins rank r of every group (expert
+    data parallel); empty with one group."""
+    if len(groups) < 2:
+        return []
+    return [[int(g[r]) for g in groups] for r in range(len(groups[0]))]
+
+
 def expert_allreduce_ms(topology: Topology, groups: Sequence[Sequence[int]],
                         grad_bytes: float) -> float:
-    """T_rho: ep concurrent rings (rank r of every group), 2 (G-1)/G * S * time of one ring
+    """T_rho: ep concurrent rings (:func:`allreduce_rings`), 2 (G-1)/G * S * time of one ring
     step with all rings' edges at once."""
     G = len(groups)
     if G < 2:
         return 0.0
     n = topology.num_workers
     pairs = np.zeros((n, n))
-    for r in range(len(groups[0])):
-        ring = [g[r] for g in groups]
+    for ring in allreduce_rings(groups):
         for i, w in enumerate(ring):
             pairs[w, ring[(i + 1) % G]] += 1.0
     return 2.0 * (G - 1) / G * grad_bytes * topology.transfer_time(pairs) * 1e3
@@ -231,7 +242,8 @@ def plan_layouts(cfg: Config, cluster: ClusterSpec, world_size: Optional[int] = 
             for sched, g in scheds:
                 cand = Candidate(ep=ep, grouping=grouping, groups=groups, schedule=sched,
                                  group_size=g, memory_gib=mem.get("total_gib", float("nan")),
-                                 rejected=reason, memory=mem)
+                                 rejected=reason, memory=mem, kappa=kappa,
+                                 allreduce_bytes=float(grad))
                 worst, a2a = 0.0, 0.0
                 for view in views:
                     preds = [predict_layer(c, None, H, alpha, None, view, dtype, schedule=sched,

@@ -127,6 +127,12 @@ def test_dry_run_creates_nothing():
     assert "250.00 Mbit/s" in proc.stdout and "440.00 Mbit/s" in proc.stdout
     assert "--master-addr 10.77.0.1" in proc.stdout and "GLOO_SOCKET_IFNAME=eth0" in proc.stdout
     assert "--node-rank 1" in proc.stdout
+    # --intra-bus aggregate: johnny's 8-GPU PCIe tree as one bus of 56 / 16 x 88 Gbit/s
+    agg = _cli(["--cluster", "johnny", "--scale", "0.001", "--nodes", "2",
+                "--workers-per-node", "8", "--intra-bus", "aggregate", "--dry-run", "--",
+                str(PROBE)])
+    assert agg.returncode == 0, agg.stderr
+    assert "308.00 Mbit/s" in agg.stdout and "sized 'aggregate'" in agg.stdout
     if _REASON is None:
         assert _ours(_netns()) == before
 

@@ -43,14 +43,62 @@ def _tie(rank: int, world: int, out_dir: str) -> None:
         res[name] = {"y": y.detach(), "gx": x.grad, "gp": p.grad,
                      "gw": [w.grad.clone() for w in experts.params],
                      "shadows": list(layer.last_shadows)}
+    res["layouts"] = _layouts(topo)
     torch.save(res, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_sync_baseline_equals_smart_exchange(tmp_path):
-    spawn(_tie, W, str(tmp_path))
+def _layouts(topo) -> dict:
+    """Two planner candidates in the same processes (lab.layouts): ep=4 vs ep=2 strided."""
+    from megatron_moe_ext.config import load_config
+    from megatron_moe_ext.lab.layouts import (
+        LayoutCheck,
+        layer_shape,
+        measure_candidate,
+        select_candidates,
+    )
+    from megatron_moe_ext.perf.cluster import load_cluster
+    from megatron_moe_ext.traffic.planner import plan_layouts
+
+    cfg = load_config(None, [
+        "model.num_layers=1", f"model.hidden_size={H}", f"model.ffn_hidden_size={F}",
+        "model.num_attention_heads=4", f"model.seq_length={T}", "model.vocab_size=128",
+        f"moe.num_experts={E}", "moe.topk=2", "train.micro_batch_size=1",
+        f"train.global_batch_size={W}", "moe.impl=fastermoe", "data.mock=true"])
+    check = LayoutCheck(cluster=CLUSTER, iters=1, warmup=0, dilation="20",
+                        layouts=["ep=4 packed smart s=2", "ep=2 strided smart s=1"])
+    out = {}
+    for cand in select_candidates(plan_layouts(cfg, load_cluster(CLUSTER), W), check.layouts):
+        out[cand.label] = measure_candidate(cand, layer_shape(cfg), topo, 20.0, check, CLUSTER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tie(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("tie")
+    spawn(_tie, W, str(out))
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(W)]
+
+
+def test_planner_candidates_run_in_their_groups(tie):
+    """lab.layouts: each rank runs in its candidate's EP group, all-reduces over its ring
+    (rank r of every group) only when there are several groups, and the emulated experts
+    slept (backward 2x forward) inside the measured layer time."""
+    for rank, res in enumerate(tie):
+        one, two = res["layouts"]["ep=4 packed smart s=2"], res["layouts"]["ep=2 strided smart s=1"]
+        assert one["this_rank"] == {"ep_group": [0, 1, 2, 3], "ring": []}
+        assert one["allreduce_s_iters"] == [0.0]
+        assert two["this_rank"] == {"ep_group": [rank % 2, rank % 2 + 2],
+                                    "ring": [rank - rank % 2, rank - rank % 2 + 1]}
+        assert two["allreduce_lab_s"] > 0
+        for m in (one, two):
+            assert 0 < m["sleep_requested_s"] <= m["layer_lab_s"]
+            assert m["objective_lab_s"] == pytest.approx(m["layer_lab_s"] + m["allreduce_lab_s"])
+
+
+def test_sync_baseline_equals_smart_exchange(tie):
     for rank in range(W):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+        res = tie[rank]
         assert res["smart2_shadow"]["shadows"] and len(res["smart2_shadow"]["shadows"]) == 2
         ref = res["sync"]
         assert ref["y"].abs().max() > 0 and ref["gw"][0].abs().max() > 0
