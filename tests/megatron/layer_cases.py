@@ -88,10 +88,18 @@ def compare_case(case: dict, pg, rank: int) -> dict[str, Any]:
 
 
 def worker(rank: int, world: int, ep: int, cases: list[dict], out_dir: str) -> None:
-    """Spawned entry: run every case, write rank-local results as JSON."""
+    """Spawned entry: run every case, write rank-local results as JSON. A case may name its
+    own expert-parallel size (``case["ep"]``, default ``ep``): the model-parallel state is
+    rebuilt for it in the same processes (one launch for several layouts)."""
     ps, pg = _setup(ep)
+    current = ep
     results = {}
     for case in cases:
+        want = case.get("ep", ep)
+        if want != current:
+            ps.destroy_model_parallel()
+            ps, pg = _setup(want)
+            current = want
         results[case["name"]] = compare_case(case, pg, rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     import torch.distributed as dist

@@ -46,7 +46,8 @@ CASES_4 = [
 ]
 
 CASES_4_EP2 = [  # 4 processes, expert parallel 2 x expert data parallel 2
-    dict(name="ep2_dp2", overrides=BASE + ["moe.num_experts=4", "moe.topk=2", "parallel.expert=2"]),
+    dict(name="ep2_dp2", overrides=BASE + ["moe.num_experts=4", "moe.topk=2", "parallel.expert=2"],
+         ep=2),
 ]
 
 
@@ -77,7 +78,5 @@ def test_equivalence_ep2(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_equivalence_ep4_and_ep2_dp2(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    _check(_run(tmp_path / "a", 4, 4, CASES_4), CASES_4)
-    _check(_run(tmp_path / "b", 4, 2, CASES_4_EP2), CASES_4_EP2)
+    # one launch: the EP=4 cases, then the model-parallel state rebuilt for EP=2 x DP=2
+    _check(_run(tmp_path, 4, 4, CASES_4 + CASES_4_EP2), CASES_4 + CASES_4_EP2)
