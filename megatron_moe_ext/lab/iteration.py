@@ -420,6 +420,12 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
     if cfg.floor:
         dil, dil_source = 0.0, "floor: compute zero"
     model_cfg, stages = model_stages(cfg.model, cfg.layers)
+    shape = (model_cfg.model.hidden_size, model_cfg.moe.ffn_hidden_size
+             or model_cfg.model.ffn_hidden_size, model_cfg.moe.num_experts, model_cfg.moe.topk)
+    if (cfg.hidden, cfg.ffn, cfg.experts, cfg.topk) != shape:
+        mine = (cfg.hidden, cfg.ffn, cfg.experts, cfg.topk)
+        raise ValueError(f"hidden, ffn, experts, topk {mine} differ from the model's {shape} "
+                         f"({cfg.model})")
     if cfg.experts % world:
         raise ValueError(f"the model's {cfg.experts} experts are not a multiple of W={world}")
     r, token_scale = _grad_scale(cfg.grad_scale, cfg.tokens, model_cfg)
