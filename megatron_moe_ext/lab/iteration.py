@@ -55,8 +55,9 @@ from .accelerator import EmulatedAccelerator, sleep_until
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Bucket", "GradReducer", "bucket_plan", "default_bucket_size", "merge_intervals",
-           "overlap_seconds", "model_stages", "run_iterations", "PRIORITIES"]
+__all__ = ["Bucket", "GradReducer", "PRIORITIES", "bench_iteration", "bucket_plan",
+           "default_bucket_size", "merge_intervals", "model_stages", "overlap_seconds",
+           "run_iterations", "summarize_iterations"]
 
 PRIORITIES = ("none", "moe_first")
 """train.comm_priority values the iteration mode times."""
@@ -280,14 +281,15 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else None
 
 
-def run_iterations(cfg, layer, accel: EmulatedAccelerator, stages: list[dict], plan: list[Bucket],
-                   counts_fn: Callable[[int, int], object], variants: list[tuple[str, str, bool]],
-                   dp_group: dist.ProcessGroup, group: dist.ProcessGroup, scale: float,
-                   dil: float) -> dict:
+def run_iterations(cfg, layers: dict, accel: EmulatedAccelerator, stages: list[dict],
+                   plan: list[Bucket], counts_fn: Callable[[int, int], object],
+                   variants: list[tuple[str, str, bool]], dp_group: dist.ProcessGroup,
+                   group: dist.ProcessGroup, scale: float, dil: float) -> dict:
     """Time ``variants`` [(impl, priority, floor)] for cfg.warmup + cfg.iters iterations
-    (order alternating per iteration); returns per-variant lists of this rank's figures."""
+    (order alternating per iteration) with ``layers[impl]`` (lab.run._Layer); returns
+    per-variant lists of this rank's figures."""
     rank = dist.get_rank(group)
-    dtype = layer.dtype
+    dtype = layers["fastermoe"].dtype
     n = cfg.tokens * cfg.topk
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     x0 = torch.randn(n, cfg.hidden, generator=gen).to(dtype)
@@ -310,8 +312,8 @@ def run_iterations(cfg, layer, accel: EmulatedAccelerator, stages: list[dict], p
                 red.held_chunks()
                 accel.stats.reset()
                 sig.timeline = []
-                moe = layer.fastermoe if impl == "fastermoe" else (
-                    lambda x, p, r: _sync_marked(layer, x, p, r))
+                moe = layers["fastermoe"].fastermoe if impl == "fastermoe" else (
+                    lambda x, p, r: _sync_marked(layers["megatron"], x, p, r))
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
                 h = x0.detach().requires_grad_(True)
@@ -371,8 +373,8 @@ def summarize_iterations(local: dict, group: dist.ProcessGroup) -> dict:
     world = dist.get_world_size(group)
     var = local["variants"]
     keys = [(name, k) for name in sorted(var) for k in sorted(var[name]) if k != "launch_order"]
-    flat = torch.tensor([x for name, k in keys for x in var[name][k]] + [local["reduction_alone_s"]],
-                        dtype=torch.float64)
+    flat = torch.tensor([x for name, k in keys for x in var[name][k]]
+                        + [local["reduction_alone_s"]], dtype=torch.float64)
     mx, mean = flat.clone(), flat.clone()
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=group)
@@ -432,7 +434,9 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
     bsize = cfg.ddp_bucket_size or default_bucket_size(world)
     plan = bucket_plan([(s["name"], s["dense_params"]) for s in stages], bsize)
     accel = EmulatedAccelerator.for_cluster(topo, cfg.dtype, cfg.hidden, cfg.ffn, dil)
-    layer = _Layer(cfg, rank, world, topo, accel, group)
+    # the sync baseline's experts lower the signal: only its all-to-alls are in flight
+    layers = {"megatron": _Layer(cfg, rank, world, topo, _MarkedExperts(accel), group),
+              "fastermoe": _Layer(cfg, rank, world, topo, accel, group)}
     dp_group = dist.new_group(list(range(world)))  # the dense parameters' DP group
     impls = ["megatron", "fastermoe"] if cfg.impl == "both" else [cfg.impl]
     prios = list(PRIORITIES) if cfg.comm_priority == "both" else [cfg.comm_priority]
@@ -450,7 +454,7 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
         return lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
                           it * 1000 + li, cfg.vary_routing)
 
-    local = run_iterations(cfg, layer, accel, stages, plan, counts, variants, dp_group, group,
+    local = run_iterations(cfg, layers, accel, stages, plan, counts, variants, dp_group, group,
                            r, dil)
     summ = summarize_iterations(local, group)
     sleep = torch.tensor([sum(v["sleep_requested_s"]) for k, v in local["variants"].items()

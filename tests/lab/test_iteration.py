@@ -111,3 +111,41 @@ def test_iteration_run_reduces_the_bucket_plan_and_holds_behind_exchanges(tmp_pa
     assert set(it["priority_gain"]) == {"megatron", "fastermoe"}
     assert set(it["fastermoe_speedup"]) == {"none", "moe_first"}
     assert "tokens per worker" in it["tokens_note"] and it["token_scale"] == 0.5
+
+
+def test_sync_markers_leave_the_expert_compute_out_of_the_exchange_window():
+    import torch
+
+    from megatron_moe_ext.core.comm_priority import exchange_signal
+    from megatron_moe_ext.lab.iteration import _MarkedExperts, _OnBackward
+
+    sig, seen = exchange_signal(), []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", sig.busy()))
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", sig.busy()))
+            return g
+
+    class Acc:
+        def expert_fn(self, x, p, t):
+            return Probe.apply(x)
+
+    x = torch.randn(4, 8, requires_grad=True)
+    sig.timeline = []
+    try:  # the structure of _sync_marked, all-to-alls left out
+        h = _OnBackward.apply(sig.end, x)
+        with sig.in_flight():
+            assert sig.busy()
+            h = _MarkedExperts(Acc()).expert_fn(h, None, [4])
+            assert sig.busy()
+        _OnBackward.apply(sig.begin, h).sum().backward()
+        assert seen == [("fwd", False), ("bwd", False)] and not sig.busy()
+        assert len(sig.timeline) == 4  # dispatch + combine, forward and backward
+    finally:
+        sig.timeline = None
