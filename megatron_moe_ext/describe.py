@@ -192,16 +192,55 @@ def count_parameters(cfg: Config, vocab_size: Optional[int] = None) -> dict[str,
     }
 
 
+def _layer_flops(cfg: Config, is_moe: bool) -> dict[str, float]:
+    """Forward FLOPs per token of one layer: attention projections, attention scores, the
+    experts (MoE: k copies) and the rest of the MLP part (MoE: router; dense: the MLP)."""
+    s = _shapes(cfg)
+    return {"attention_projections": 2.0 * s["attn"],
+            "attention_scores": 4.0 * cfg.model.seq_length * s["H"],
+            "experts": cfg.moe.topk * 2.0 * s["expert"] if is_moe else 0.0,
+            "mlp_other": 2.0 * s["router"] if is_moe else 2.0 * s["dense"]}
+
+
+def _head_flops(cfg: Config, V: int) -> float:
+    """Forward FLOPs per token of the output head (logits; BERT also its lm_head dense)."""
+    H = cfg.model.hidden_size
+    return 2.0 * V * H + (2.0 * H * H if cfg.model.type == "bert" else 0.0)
+
+
+def iteration_stages(cfg: Config, V: int) -> list[dict[str, Any]]:
+    """One pipeline of the model in forward order, for the scale lab's iteration mode:
+    ``embedding``, ``layer0`` ... ``layer{L-1}``, ``head``. Each stage: ``moe`` (has experts),
+    ``dense_params`` (the data-parallel replicated parameters, in registration order: (name,
+    elements) -- experts are excluded, they are expert-parallel), ``flops_per_token`` (forward
+    FLOPs per token outside the experts; the experts' are the exchange's). Same counts as
+    :func:`count_parameters` and :func:`flops_per_token`."""
+    s = _shapes(cfg)
+    first = _outer_params(cfg, V, True, False)
+    last = _outer_params(cfg, V, False, True)
+    stages: list[dict[str, Any]] = [{
+        "name": "embedding", "moe": False, "flops_per_token": 0.0,
+        "dense_params": [(k, v) for k, v in first.items() if v]}]
+    for i, is_moe in enumerate(moe_layer_pattern(cfg)):
+        f = _layer_flops(cfg, is_moe)
+        params = [("input_norm", s["norm"]), ("linear_proj", s["attn"] // 4),
+                  ("linear_qkv", 3 * s["attn"] // 4), ("pre_mlp_norm", s["norm"]),
+                  ("router", s["router"]) if is_moe else ("mlp", s["dense"])]
+        stages.append({"name": f"layer{i}", "moe": is_moe, "dense_params": params,
+                       "flops_per_token": f["attention_projections"] + f["attention_scores"]
+                       + f["mlp_other"]})
+    stages.append({"name": "head", "moe": False, "flops_per_token": _head_flops(cfg, V),
+                   "dense_params": [(k, v) for k, v in last.items() if v]})
+    return stages
+
+
 def flops_per_token(cfg: Config, V: int) -> dict[str, float]:
     """Forward / training FLOPs per token (see the module docstring)."""
-    m, s = cfg.model, _shapes(cfg)
-    H, S = s["H"], m.seq_length
-    layers = moe_layer_pattern(cfg)
-    proj = 2.0 * s["attn"] * len(layers)
-    scores = 4.0 * S * H * len(layers)
-    mlp = sum(cfg.moe.topk * 2.0 * s["expert"] + 2.0 * s["router"] if is_moe
-              else 2.0 * s["dense"] for is_moe in layers)
-    head = 2.0 * V * H + (2.0 * H * H if m.type == "bert" else 0.0)
+    layers = [_layer_flops(cfg, is_moe) for is_moe in moe_layer_pattern(cfg)]
+    proj = sum(f["attention_projections"] for f in layers)
+    scores = sum(f["attention_scores"] for f in layers)
+    mlp = sum(f["experts"] + f["mlp_other"] for f in layers)
+    head = _head_flops(cfg, V)
     fwd = proj + scores + mlp + head
     return {"attention_projections": proj, "attention_scores": scores, "mlp": mlp,
             "logits": head, "forward": fwd, "training": 3.0 * fwd}

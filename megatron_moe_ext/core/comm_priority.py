@@ -70,17 +70,25 @@ class ExchangeSignal:
         self._listeners: list["CommPriorityScheduler"] = []
         self.begins = 0
         """Exchanges begun since construction (for tests and metrics)."""
+        self.timeline: Optional[list[list[float]]] = None
+        """When set to a list: [start, end] (perf_counter) of every period the signal was up
+        (the scale lab's iteration mode measures how much reduction overlapped them)."""
 
     def begin(self) -> None:
         with self._lock:
             self._depth += 1
             self.begins += 1
+            if self._depth == 1 and self.timeline is not None:
+                self.timeline.append([time.perf_counter(), float("nan")])
 
     def end(self) -> None:
         with self._lock:
-            if self._depth > 0:
+            was_up = self._depth > 0
+            if was_up:
                 self._depth -= 1
             idle = self._depth == 0
+            if idle and was_up and self.timeline:
+                self.timeline[-1][1] = time.perf_counter()
             listeners = list(self._listeners)
         if idle:
             for s in listeners:
@@ -93,6 +101,8 @@ class ExchangeSignal:
         """Lower the signal; returns how many exchanges were left open."""
         with self._lock:
             left, self._depth = self._depth, 0
+            if left and self.timeline:
+                self.timeline[-1][1] = time.perf_counter()
             listeners = list(self._listeners)
         if left:
             for s in listeners:

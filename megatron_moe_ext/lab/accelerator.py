@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..perf.model import compute_times
+from ..perf.model import compute_times, gemm_seconds
 from ..perf.topology import GemmThroughput, Topology
 
 __all__ = ["EmulatedAccelerator", "SleepStats", "sleep_until"]
@@ -149,6 +149,13 @@ class EmulatedAccelerator:
             return 0.0
         t = compute_times(np.array([float(tokens)]), self.hidden, self.alpha, self.gemm)
         return self.dilation * float(t[0])
+
+    def flops_seconds(self, flops_per_token: float, tokens: int) -> float:
+        """D x the time of ``flops_per_token`` x ``tokens`` FLOPs at P(tokens): the non-expert
+        parts of a layer (attention, router, dense MLP, head) in the lab's iteration mode."""
+        if self.dilation == 0:
+            return 0.0
+        return self.dilation * gemm_seconds(flops_per_token * tokens, tokens, self.gemm)
 
     def backward_seconds(self, tokens: int) -> float:
         """2 x :meth:`forward_seconds` (the model's backward)."""

@@ -23,7 +23,9 @@ from .setup import default_cluster
 __all__ = ["LAB_ONLY", "BENCH_ONLY", "add_lab_arguments", "config_from_args", "main",
            "run_bench_args"]
 
-LAB_ONLY = ("dilation", "floor", "measure_floor", "routing", "gate", "vary_routing", "record")
+LAB_ONLY = ("dilation", "floor", "measure_floor", "routing", "gate", "vary_routing", "record",
+            "iteration", "model", "layers", "comm_priority", "ddp_bucket_size",
+            "grad_reduce_chunk_mb", "grad_scale")
 """Options that only ``--compute emulated`` uses (their defaults are the lab's)."""
 BENCH_ONLY = {"trace_dir": None, "threads": None, "overrides": []}
 """Options of the real-compute benchmark the lab does not have (value = 'not given')."""
@@ -71,13 +73,52 @@ def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> N
                    help="with --skew: the hot experts change from iteration to iteration")
     p.add_argument("--record", action="store_true",
                    help="record plan, expert chunks and shadow sets per iteration in the JSON")
+    it = p.add_argument_group("iteration mode (--iteration; docs/lina.md, 'Lab iteration mode')")
+    it.add_argument("--iteration", action="store_true",
+                    help="time whole iterations: L layers of emulated attention / dense compute "
+                         "from --model's FLOPs, the MoE exchanges, and the DDP gradient "
+                         "reductions of its dense parameters, with and without comm priority")
+    it.add_argument("--model", metavar="YAML",
+                    help="model config (e.g. configs/models/moe-gpt.yaml); --hidden, --ffn, "
+                         "--experts, --topk default to its values")
+    it.add_argument("--layers", type=int, default=None,
+                    help="transformer layers L of the pipeline (default: the model's)")
+    it.add_argument("--comm-priority", choices=["none", "moe_first", "both"], default="both",
+                    help="train.comm_priority of the reductions, or both (default: %(default)s)")
+    it.add_argument("--ddp-bucket-size", type=int, default=None, metavar="ELEMENTS",
+                    help="DDP bucket size (default: Megatron's max(40M, 1M x W))")
+    it.add_argument("--grad-reduce-chunk-mb", type=float, default=4.0, metavar="MB",
+                    help="moe_first chunk size, MiB (default: %(default)s)")
+    it.add_argument("--grad-scale", default="1",
+                    help="reduce r x the real gradient elements: a number, or 'tokens' = "
+                         "--tokens / the model's micro-batch tokens (default: %(default)s)")
+
+
+MODEL_SHAPE = ("hidden", "ffn", "experts", "topk")
+"""Options that --iteration takes from --model unless given."""
 
 
 def config_from_args(args: argparse.Namespace, compute: str = "emulated",
-                     fallback_cluster: str = "johnny") -> LabConfig:
-    """A validated :class:`LabConfig` from parsed options (unknown attributes are ignored)."""
+                     fallback_cluster: str = "johnny",
+                     parser: argparse.ArgumentParser | None = None) -> LabConfig:
+    """A validated :class:`LabConfig` from parsed options (unknown attributes are ignored).
+    With ``--iteration --model``: H, F, E and k are the model's; one given differently (not at
+    ``parser``'s default) is an error."""
     values = {f.name: getattr(args, f.name) for f in fields(LabConfig) if hasattr(args, f.name)}
     values["compute"] = compute
+    if values.get("iteration") and values.get("model") and compute == "emulated":
+        from .iteration import model_stages
+
+        mcfg, _ = model_stages(values["model"], values.get("layers"))
+        shape = {"hidden": mcfg.model.hidden_size,
+                 "ffn": mcfg.moe.ffn_hidden_size or mcfg.model.ffn_hidden_size,
+                 "experts": mcfg.moe.num_experts, "topk": mcfg.moe.topk}
+        for key in MODEL_SHAPE:
+            given = parser is not None and values.get(key) != parser.get_default(key)
+            if given and values[key] != shape[key]:
+                raise ValueError(f"--{key} {values[key]} differs from --model's {shape[key]} "
+                                 "(--iteration takes it from the model)")
+            values[key] = shape[key]
     cluster = getattr(args, "cluster", None)
     values["cluster"] = cluster or default_cluster(fallback_cluster)
     cfg = LabConfig(**values)
@@ -94,7 +135,8 @@ def run_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if given:
         parser.error(f"--compute emulated does not support --{given[0].replace('_', '-')}")
     try:
-        cfg = config_from_args(args, compute="emulated", fallback_cluster=fallback_cluster)
+        cfg = config_from_args(args, compute="emulated", fallback_cluster=fallback_cluster,
+                               parser=parser)
     except ValueError as exc:
         parser.error(str(exc))
     return run_lab(cfg)
@@ -117,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="emulated accelerator, or a small real expert on the CPU")
     args = p.parse_args(argv)
     try:
-        cfg = config_from_args(args, compute=args.compute)
+        cfg = config_from_args(args, compute=args.compute, parser=p)
     except ValueError as exc:
         p.error(str(exc))
     return run_lab(cfg)

@@ -8,6 +8,7 @@ timed iterations of the max over ranks.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -17,7 +18,7 @@ import torch
 
 from .setup import emulator_scale
 
-__all__ = ["summarize", "format_table"]
+__all__ = ["summarize", "format_table", "common_record", "format_iteration"]
 
 
 def _median(xs):
@@ -80,6 +81,26 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
                       "achieved": achieved, "bound_fraction_schedule": frac,
                       "definition": "as scripts/bench_moe_layer.py; expert times are the "
                                     "emulated accelerator's (max over ranks of the local load)"}
+    res.update(common_record(cfg, topo, world, local_world, dil, dil_source, sleep_req,
+                             sleep_act, loads))
+    if floors:
+        res["lab"]["floor"] = {
+            name: {"fwd_bwd_s": f, "fraction": f / imp[name]["fwd_bwd_s"]}
+            for name, f in floors.items() if name in imp}
+        res["lab"]["floor_links"] = FLOOR_LINKS[emulator_scale() is not None]
+    return res
+
+
+FLOOR_LINKS = {True: "limited (emulator): compute-free time on the emulated links, not the "
+                     "box floor",
+               False: "unlimited (loopback): the box's own cost"}
+"""What a compute-zero pass measures, under the emulator (True) or not."""
+
+
+def common_record(cfg, topo, world, local_world, dil, dil_source, sleep_req, sleep_act,
+                  loads) -> dict:
+    """The keys every lab record has: dilation, lab, cluster, config, machine."""
+    res: dict = {}
     res["dilation"] = dil
     res["lab"] = {
         "dilation": dil, "dilation_source": dil_source,
@@ -88,13 +109,6 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
         "oversleep_fraction": (sleep_act - sleep_req) / sleep_req if sleep_req > 0 else None,
         "note": "the lab's own cost per layer call is the floor (compute zero, links "
                 "unlimited: --floor or --measure-floor outside the emulator); docs/emulation.md"}
-    if floors:
-        res["lab"]["floor"] = {
-            name: {"fwd_bwd_s": f, "fraction": f / imp[name]["fwd_bwd_s"]}
-            for name, f in floors.items() if name in imp}
-        res["lab"]["floor_links"] = ("limited (emulator): compute-free time on the emulated "
-                                     "links, not the box floor" if emulator_scale() is not None
-                                     else "unlimited (loopback): the box's own cost")
     res["cluster"] = {"name": topo.spec.name, "file": cfg.cluster, "workers": world,
                       "workers_per_node": topo.workers_per_node, "nodes": topo.nodes}
     res["config"] = dict(asdict(cfg), world_size=world, local_world_size=local_world)
@@ -142,3 +156,83 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def iteration_record(cfg, summ: dict, stages: list, plan: list, bsize: int, r: float,
+                     token_scale: float, dil: float, chunk_bytes: int) -> dict:
+    """The ``iteration`` key of the record (rank 0)."""
+    var = summ["variants"]
+    for name, v in var.items():
+        if name.startswith("floor_"):
+            continue
+        v["cluster_ms"] = v["iteration_s"] / dil * 1e3 if dil else None
+        same = math.isclose(r, token_scale)
+        v["cluster_ms_at_model_tokens"] = (v["cluster_ms"] / token_scale
+                                          if dil and same else None)
+    gain, speedup, floor = {}, {}, {}
+    for impl in ("megatron", "fastermoe"):
+        a, b = var.get(f"{impl}.none"), var.get(f"{impl}.moe_first")
+        if a and b:
+            gain[impl] = 1.0 - b["iteration_s"] / a["iteration_s"]
+        f = var.get(f"floor_{impl}.none")
+        if f and a:
+            floor[impl] = {"iteration_s": f["iteration_s"],
+                           "fraction": f["iteration_s"] / a["iteration_s"]}
+    for pr in ("none", "moe_first"):
+        a, b = var.get(f"megatron.{pr}"), var.get(f"fastermoe.{pr}")
+        if a and b:
+            speedup[pr] = a["iteration_s"] / b["iteration_s"]
+    return {
+        "model": cfg.model, "layers": len(stages) - 2, "stages": [s["name"] for s in stages],
+        "tokens_per_worker": cfg.tokens, "token_scale": token_scale, "grad_scale": r,
+        "tokens_note": (f"{cfg.tokens} tokens per worker = {token_scale:.4g} x the model's "
+                        "micro-batch: compute and token traffic are linear in tokens, so R_CC "
+                        "is kept; the reductions are "
+                        + ("scaled alike (--grad-scale tokens), so cluster_ms_at_model_tokens "
+                           "= cluster_ms / token scale" if math.isclose(r, token_scale) else
+                           f"{r:g} x the model's real bytes")),
+        "bucket_size": bsize, "chunk_bytes": chunk_bytes,
+        "buckets": [{"index": b.index, "elements": b.numel,
+                     "reduced_elements": max(1, round(r * b.numel)),
+                     "ready_after": b.ready_after,
+                     "stages": sorted({p[0] for p in b.params})} for b in plan],
+        "dense_elements": sum(b.numel for b in plan),
+        "reduced_bytes": sum(max(1, round(r * b.numel)) for b in plan)
+        * (2 if cfg.dtype == "bf16" else 4),
+        "reduction_alone_s": summ["reduction_alone_s"],
+        "variants": var, "priority_gain": gain, "fastermoe_speedup": speedup, "floor": floor,
+    }
+
+
+
+def format_iteration(r: dict) -> str:
+    """Human-readable summary of an iteration-mode record (rank 0)."""
+    it = r["iteration"]
+    lines = [f"lab iteration (D={r['dilation']:g}) {r['cluster']['name']} "
+             f"W={r['cluster']['workers']}, {it['layers']} layers of {it['model']}, "
+             f"{len(it['buckets'])} buckets (B={it['bucket_size']}), "
+             f"{it['reduced_bytes'] / 2 ** 20:.1f} MiB reduced per iteration",
+             it["tokens_note"],
+             f"{'variant':<20} {'lab s':>8} {'cluster ms':>10} {'@model tok':>10} "
+             f"{'flush s':>8} {'red.s':>7} {'in exch':>7} {'held':>9}"]
+    for name, v in it["variants"].items():
+        if name.startswith("floor_"):
+            continue
+        cm, cf = v.get("cluster_ms"), v.get("cluster_ms_at_model_tokens")
+        share = v["reduction_in_exchange_share"]
+        lines.append(
+            f"{name:<20} {v['iteration_s']:8.2f} {'-' if cm is None else f'{cm:10.1f}':>10} "
+            f"{'-' if cf is None else f'{cf:10.0f}':>10} {v['flush_s']:8.2f} "
+            f"{v['reduction_busy_s']:7.2f} {'-' if share is None else f'{share:7.0%}':>7} "
+            f"{v['held_chunks']:4.0f}/{v['chunks']:<4.0f}")
+    for impl, g in it["priority_gain"].items():
+        lines.append(f"moe_first vs none, {impl}: {g * 100:+.1f} % iteration time saved")
+    for pr, s in it["fastermoe_speedup"].items():
+        lines.append(f"megatron / fastermoe ({pr}): {s:.3f}x")
+    for impl, f in it["floor"].items():
+        lines.append(f"floor {impl}: {f['iteration_s']:.2f} s = {f['fraction'] * 100:.1f} % "
+                     f"({FLOOR_LINKS[r['lab']['emulator_scale'] is not None]})")
+    lines.append(f"reduction alone: {it['reduction_alone_s']:.2f} s; load average "
+                 f"{r['machine']['loadavg_1min_start']:.2f} -> "
+                 f"{r['machine']['loadavg_1min_end']:.2f}")
+    return "\n".join(lines)

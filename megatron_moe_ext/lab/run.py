@@ -125,6 +125,22 @@ class LabConfig:
     """Record plan, expert chunks and shadow sets per iteration (tests compare them)."""
     log_level: str = "INFO"
     """Rank-0 log level."""
+    iteration: bool = False
+    """Iteration mode (:mod:`.iteration`): L layers of emulated attention / dense compute, the
+    MoE exchanges and the DDP gradient reductions of the model's dense parameters."""
+    model: Optional[str] = None
+    """With iteration: the model YAML (configs/models/*.yaml); H, F, E and k come from it."""
+    layers: Optional[int] = None
+    """With iteration: L, transformer layers of the pipeline (default: the model's)."""
+    comm_priority: str = "both"
+    """With iteration: none, moe_first (train.comm_priority) or both (time each)."""
+    ddp_bucket_size: Optional[int] = None
+    """With iteration: DDP bucket size in elements (default Megatron's max(40M, 1M x W))."""
+    grad_reduce_chunk_mb: float = 4.0
+    """With iteration and moe_first: chunk size in MiB (train.grad_reduce_chunk_mb)."""
+    grad_scale: str = "1"
+    """With iteration: reduce round(r x N) elements of a bucket of N: a factor r, or 'tokens'
+    (r = tokens / the model's micro-batch tokens, so reductions shrink with the tokens)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
@@ -149,6 +165,31 @@ class LabConfig:
         if self.floor and self.measure_floor:
             raise ValueError("--floor and --measure-floor exclude each other")
         resolve_dilation(self.dilation)
+        if self.iteration:
+            if self.compute != "emulated":
+                raise ValueError("--iteration needs --compute emulated")
+            if not self.model:
+                raise ValueError("--iteration needs --model (a model YAML, e.g. "
+                                 "configs/models/moe-gpt.yaml)")
+            if self.routing != "exact":
+                raise ValueError("--iteration supports --routing exact only (every layer "
+                                 "keeps T k routed copies)")
+            if self.comm_priority not in ("none", "moe_first", "both"):
+                raise ValueError(f"--comm-priority {self.comm_priority!r}: expected none, "
+                                 "moe_first or both")
+            if (self.layers is not None and self.layers < 1) or (
+                    self.ddp_bucket_size is not None and self.ddp_bucket_size < 1) or (
+                    not self.grad_reduce_chunk_mb > 0):
+                raise ValueError("--layers and --ddp-bucket-size must be >= 1 and "
+                                 "--grad-reduce-chunk-mb > 0")
+            if self.grad_scale != "tokens":
+                try:
+                    ok = float(self.grad_scale) > 0
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"--grad-scale {self.grad_scale!r}: expected 'tokens' "
+                                     "or a number > 0")
 
 
 class RealExperts:
@@ -278,6 +319,10 @@ def lab_worker(cfg: LabConfig) -> Optional[dict]:
     logging.basicConfig(level=cfg.log_level.upper() if rank == 0 else "WARNING",
                         format=f"[lab rank {rank}] %(message)s", force=True)
     try:
+        if cfg.iteration:
+            from .iteration import bench_iteration
+
+            return bench_iteration(cfg, dist.group.WORLD)
         return bench_layer(cfg, dist.group.WORLD)
     finally:
         dist.destroy_process_group()

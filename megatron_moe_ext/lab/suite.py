@@ -52,7 +52,12 @@ def run_suite(cfgs: list[LabConfig]) -> int:
     try:
         for i, cfg in enumerate(cfgs):
             logger.info("suite %d/%d -> %s", i + 1, len(cfgs), cfg.json)
-            bench_layer(cfg, dist.group.WORLD)
+            if cfg.iteration:
+                from .iteration import bench_iteration
+
+                bench_iteration(cfg, dist.group.WORLD)
+            else:
+                bench_layer(cfg, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
     logger.info("suite: %d runs in %.1f s", len(cfgs), time.perf_counter() - t0)

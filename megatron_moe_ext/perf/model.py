@@ -76,6 +76,13 @@ def _flops_at(gemm: GemmThroughput, tokens: np.ndarray) -> np.ndarray:
     return np.full_like(np.asarray(tokens, dtype=float), float(gemm))
 
 
+def gemm_seconds(flops: float, rows: float, gemm: GemmThroughput) -> float:
+    """Time of ``flops`` FLOPs done as GEMMs over ``rows`` rows: flops / P(rows) (0 for none)."""
+    if flops <= 0 or rows <= 0:
+        return 0.0
+    return float(flops) / float(_flops_at(gemm, np.asarray(float(rows))))
+
+
 def compute_times(loads: np.ndarray, H: int, alpha: float, gemm: GemmThroughput) -> np.ndarray:
     """Forward expert time per worker: 4 * B_w * alpha * H^2 / P (zero for B_w = 0)."""
     b = np.asarray(loads, dtype=float)

@@ -201,6 +201,21 @@ def test_nested_exchanges_hold_until_the_last_ends(sched):
     sched.flush()
 
 
+def test_signal_timeline_records_the_periods_it_was_up():
+    sig = ExchangeSignal()
+    sig.begin()  # not recording yet
+    sig.end()
+    sig.timeline = []
+    with sig.in_flight():
+        with sig.in_flight():  # nested: one period
+            pass
+    sig.end()  # an end without a begin changes nothing
+    sig.begin()
+    assert sig.reset() == 1  # a reset closes the open period
+    assert len(sig.timeline) == 2
+    assert all(0 < s <= e for s, e in sig.timeline) and sig.timeline[0][1] <= sig.timeline[1][0]
+
+
 def test_failing_collective_is_raised_at_flush(sched):
     def boom():
         raise RuntimeError("link down")
