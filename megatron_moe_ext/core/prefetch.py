@@ -29,7 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .popularity import PREDICTORS, PreviousIterationPredictor, TransitionPredictor, transition_pairs
+from .popularity import (
+    PREDICTORS,
+    PreviousIterationPredictor,
+    TransitionPredictor,
+    transition_pairs,
+)
 from .shadow_policy import as_counts
 
 __all__ = ["PREDICTORS", "DEFAULT_SLACK", "use_prefetched", "PopularityState"]
@@ -81,11 +86,13 @@ class PopularityState:
 
     def __init__(self, mode: str, num_experts: int, decay: float = 0.9) -> None:
         if mode not in PREDICTORS or mode == "none":
-            raise ValueError(f"prefetch mode {mode!r} is not one of {[m for m in PREDICTORS if m != 'none']}")
+            modes = [m for m in PREDICTORS if m != "none"]
+            raise ValueError(f"prefetch mode {mode!r} is not one of {modes}")
         self.mode = mode
         self.num_experts = int(num_experts)
         self.previous = PreviousIterationPredictor()
-        self.transition = TransitionPredictor(num_experts, decay) if mode == "previous_layer" else None
+        self.transition = (TransitionPredictor(num_experts, decay)
+                           if mode == "previous_layer" else None)
         self._layers: list[int] = []
         self._on_ready: dict[int, Callable[[], Any]] = {}
         self._last: Optional[tuple[int, np.ndarray, np.ndarray]] = None  # layer, counts, map
@@ -125,8 +132,9 @@ class PopularityState:
     def observe(self, layer: int, counts: Any, routing_map: Optional[torch.Tensor] = None,
                 group: Optional[dist.ProcessGroup] = None) -> None:
         """Record layer ``layer``'s true [W, E] counts (identical on the EP group's ranks) and,
-        for ``previous_layer``, this rank's routing map [T, E]: with the layer below's map of
-        the same forward, one batch of transitions summed over ``group`` (one all-gather)."""
+        for ``previous_layer``, this rank's routing map [T, E] (or top-k ids [T, k]): with the
+        layer below's of the same forward, one batch of transitions summed over ``group`` (one
+        all-gather). Then the layer above's ``on_ready`` is called."""
         layer, c = int(layer), as_counts(counts)
         self.previous.observe(layer, c)
         if self.transition is not None and routing_map is not None:
@@ -145,7 +153,8 @@ class PopularityState:
             self._on_ready[above]()
 
 
-def _sum_over(x: np.ndarray, group: Optional[dist.ProcessGroup], device: torch.device) -> np.ndarray:
+def _sum_over(x: np.ndarray, group: Optional[dist.ProcessGroup],
+              device: torch.device) -> np.ndarray:
     """Sum of every rank's ``x`` over ``group``, bit-identical on every rank (all-gathered,
     then summed in rank order)."""
     if group is None or dist.get_world_size(group) < 2:

@@ -232,6 +232,9 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
     if cfg.prefetch != "none":
         runs.append("fastermoe_prefetch")
     state = PopularityState(cfg.prefetch, cfg.experts) if cfg.prefetch != "none" else None
+    if state is not None:
+        for n in (0, 1):  # 0: the layer below (previous_layer), 1: the benchmarked layer
+            state.register(n)
     sigma = layer_transition(cfg.experts, cfg.seed)
     prefetch_recs: list[dict] = []
     if cfg.skew > 0 and "megatron" in impls:

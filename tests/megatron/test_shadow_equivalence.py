@@ -62,11 +62,13 @@ CASES_2 = [
           prefetch=dict(wrong=True, used=True)),
     _case("prefetch_iter_wrong_ignored", 4, 2, 2, TOP_K, FM, PF_ITER, IGNORE_WORSE, **SKEW,
           expect_shadow=1, prefetch=dict(wrong=True, used=False)),
-    _case("prefetch_layer_right", 4, 2, 2, PREDICTOR, FM, PF_LAYER, **SKEW, expect_shadow=1,
+    _case("prefetch_layer_right", 4, 2, 2, TOP_K, FM, PF_LAYER, **SKEW, expect_shadow=1,
           prefetch=dict(wrong=False, used=True)),
-    _case("prefetch_layer_wrong_used", 4, 2, 2, PREDICTOR, FM, PF_LAYER, USE_ANY, **SKEW,
+    _case("prefetch_layer_model_right", 4, 2, 2, MODEL, FM, PF_LAYER,
+          "moe.fastermoe.cluster=johnny", **SKEW, prefetch=dict(wrong=False, used=True)),
+    _case("prefetch_layer_wrong_used", 4, 2, 2, TOP_K, FM, PF_LAYER, USE_ANY, **SKEW,
           prefetch=dict(wrong=True, used=True)),
-    _case("prefetch_layer_wrong_ignored", 4, 2, 2, PREDICTOR, FM, PF_LAYER, IGNORE_WORSE, **SKEW,
+    _case("prefetch_layer_wrong_ignored", 4, 2, 2, TOP_K, FM, PF_LAYER, IGNORE_WORSE, **SKEW,
           expect_shadow=1, prefetch=dict(wrong=True, used=False)),
 ]
 
@@ -115,7 +117,7 @@ def _route(case: dict, layers, x: torch.Tensor, num_experts: int) -> None:
 
 def _prime_prefetch(case: dict, layer, x: torch.Tensor) -> None:
     """Give the layer's predictor a prediction of the coming call that is right (its counts)
-    or deliberately wrong (expert e's load predicted on expert e + 1): previous_iteration is
+    or deliberately wrong (expert e's load predicted on expert e - 1): previous_iteration is
     fed those counts; previous_layer a transition matrix P (identity or the permutation) and
     the counts of a layer 0 below, so that its prediction is counts @ P."""
     state = layer.prefetch_state
