@@ -14,6 +14,9 @@ for them locally with the same expert MLP function (the local chunks of step 0 o
 computed while the first sends are in flight), and their gradients are reduce-summed back to
 the owners in backward (:mod:`megatron_moe_ext.core.shadow`). Shadowing never changes the
 math: outputs and gradients equal stock Megatron's up to floating-point summation order.
+With shadow prefetch (``moe.fastermoe.shadow.prefetch``, :mod:`megatron_moe_ext.core.prefetch`)
+the broadcast of a set chosen from predicted counts starts before the router and is kept or
+dropped on the true counts (docs/lina.md, "Shadow prefetch").
 
 Options: :class:`FasterMoEOptions` (built from the run config by
 :meth:`FasterMoEOptions.from_moe_config`). No performance-model work runs per call for the
