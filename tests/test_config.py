@@ -54,6 +54,25 @@ def test_value_rules(overrides, needle):
     assert needle in _err(*overrides)
 
 
+def test_shadow_prefetch_key():
+    """moe.fastermoe.shadow.prefetch: unknown values list the modes; a mode other than none
+    needs moe.impl fastermoe and a shadow policy other than never."""
+    msg = _err("moe.fastermoe.shadow.prefetch=next_layer")
+    assert "moe.fastermoe.shadow.prefetch" in msg and "previous_layer" in msg, msg
+    for bad in (["moe.impl=megatron", "moe.fastermoe.shadow.policy=top_k"],
+                ["moe.impl=fastermoe", "moe.fastermoe.shadow.policy=never"]):
+        msg = _err(*bad, "moe.fastermoe.shadow.prefetch=previous_iteration")
+        assert "moe.fastermoe.shadow.prefetch" in msg and "['none']" in msg, msg
+        assert "moe.impl: fastermoe" in msg and "policy other than never" in msg, msg
+    assert "prefetch_slack" in _err("moe.impl=fastermoe", "moe.fastermoe.shadow.policy=top_k",
+                                    "moe.fastermoe.shadow.prefetch=previous_layer",
+                                    "moe.fastermoe.shadow.prefetch_slack=-1")
+    cfg = load_config(TINY, ["moe.impl=fastermoe", "moe.fastermoe.shadow.policy=model",
+                             "moe.fastermoe.shadow.prefetch=previous_layer"])
+    assert cfg.moe.fastermoe.shadow.prefetch == "previous_layer"
+    assert load_config(TINY, []).moe.fastermoe.shadow.prefetch == "none"
+
+
 def test_world_size_rules():
     cfg = load_config(TINY, ["parallel.expert=4"])
     with pytest.raises(ConfigError, match="parallel.expert=4 must divide"):

@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_moe_ext.core.popularity import PREDICTORS as SHADOW_PREFETCH_MODES
 from megatron_moe_ext.core.shadow_policy import SHADOW_POLICIES
 
 __all__ = [
     "ConfigError", "TokenizerConfig", "ModelConfig", "RouterConfig", "ShadowConfig",
     "FasterMoEConfig", "MoEConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "CheckpointConfig", "WandbConfig", "LoggingConfig", "RuntimeConfig", "Config",
-    "LOAD_BALANCING_TYPES", "COMM_PRIORITIES", "SHADOW_POLICIES",
+    "LOAD_BALANCING_TYPES", "COMM_PRIORITIES", "SHADOW_POLICIES", "SHADOW_PREFETCH_MODES",
 ]
 
 class ConfigError(ValueError):
@@ -149,6 +150,22 @@ class ShadowConfig:
     more than the overlap leaves to gain); `top_k`: always the `max_experts` hottest."""
     max_experts: int = 1
     """With policy top_k: how many of the most loaded experts to shadow every iteration."""
+    prefetch: str = "none"
+    """Shadow prefetch (docs/lina.md, "Shadow prefetch"): predict each layer call's routing
+    counts before its router runs, let the policy choose shadows from the prediction and start
+    their weight broadcast then, so that it overlaps the router and the counts all-gather.
+    `none`; `previous_iteration`: the layer's own counts of its previous call;
+    `previous_layer`: the MoE layer below's counts of this forward through a transition matrix
+    estimated online from both layers' routing (the first MoE layer of a pipeline stage uses
+    previous_iteration). Needs moe.impl: fastermoe and a policy other than never. The
+    prefetched set is used or ignored by the rule of `prefetch_slack`; outputs and gradients
+    never depend on it."""
+    prefetch_slack: float = 0.1
+    """With prefetch: the prefetched shadow set is used when it equals the set the policy picks
+    on the true counts, or when the performance model predicts it at most this fraction slower
+    than the better of that set and no shadows; otherwise (and without a prediction or a
+    cluster model) the prediction is ignored and the policy's set is broadcast as without
+    prefetch. >= 0."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from .schema import (
     COMM_PRIORITIES,
     LOAD_BALANCING_TYPES,
     SHADOW_POLICIES,
+    SHADOW_PREFETCH_MODES,
     Config,
     ConfigError,
     MoEConfig,
@@ -81,6 +82,7 @@ def validate(cfg: Config) -> None:
         _validate_topology_gate(moe.router)
     _validate_router_options(moe)
     _choice("moe.fastermoe.shadow.policy", moe.fastermoe.shadow.policy, list(SHADOW_POLICIES))
+    _validate_prefetch(moe)
     _positive("moe.num_experts", moe.num_experts)
     _positive("moe.topk", moe.topk)
     _positive("moe.layer_freq", moe.layer_freq)
@@ -216,6 +218,20 @@ def _validate_router_options(moe: MoEConfig) -> None:
     if moe.shared_expert_ffn_hidden_size is not None and moe.impl == "fastermoe":
         raise ConfigError("moe.shared_expert_ffn_hidden_size (shared experts) is supported with "
                           "moe.impl: megatron only; FasterMoELayer has no shared-expert path")
+
+
+def _validate_prefetch(moe: MoEConfig) -> None:
+    """moe.fastermoe.shadow.prefetch: a known mode; other than none only where there are
+    shadows to prefetch (moe.impl: fastermoe, a policy other than never)."""
+    sh = moe.fastermoe.shadow
+    _choice("moe.fastermoe.shadow.prefetch", sh.prefetch, list(SHADOW_PREFETCH_MODES))
+    _positive("moe.fastermoe.shadow.prefetch_slack", sh.prefetch_slack, allow_zero=True)
+    if sh.prefetch != "none" and (moe.impl != "fastermoe" or sh.policy == "never"):
+        raise ConfigError(
+            f"config key 'moe.fastermoe.shadow.prefetch': {sh.prefetch!r} needs moe.impl: "
+            f"fastermoe and moe.fastermoe.shadow.policy other than never (got moe.impl: "
+            f"{moe.impl}, policy: {sh.policy}); accepted values here: ['none']; with them: "
+            f"{list(SHADOW_PREFETCH_MODES)}")
 
 
 def _validate_topology_gate(r: RouterConfig) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -95,11 +95,13 @@ class Shadows:
     :func:`megatron_moe_ext.core.shadow.broadcast_from_owners`); it must accept empty inputs.
     The executor computes these chunks at step 0, while the first sends are in flight, and
     returns the weights' gradients from its backward (so a broadcast's backward can reduce
-    them to the owner).
+    them to the owner). ``ready()``, if given, is called before the first shadow chunk is
+    computed (e.g. to wait for weights whose broadcast is still in flight).
     """
 
     weights: Mapping[int, Sequence[torch.Tensor]]
     fn: ShadowFn
+    ready: Optional[Callable[[], Any]] = None
 
     @property
     def experts(self) -> tuple[int, ...]:
@@ -117,6 +119,7 @@ class _Config:
     tracer: Tracer | None
     build_graph: bool
     shadow_fn: ShadowFn | None = None
+    shadow_ready: Callable[[], Any] | None = None
     num_params: int = 0  # expert params among the autograd inputs; shadow weights follow
 
 
@@ -253,6 +256,9 @@ def _forward(cfg: _Config, tokens: torch.Tensor, probs: torch.Tensor,
         weights[c.expert] = [_leaf(w) for w in ws] if cfg.build_graph else ws
 
     def shadow_chunks() -> None:
+        if cfg.shadow_ready is not None:
+            with _span(tracer, "C0_shadow_wait"):
+                cfg.shadow_ready()
         with _span(tracer, "C0_shadow"):
             for c in plan.shadow_chunks:
                 x = tokens[c.offset:c.offset + c.length]
@@ -509,5 +515,7 @@ def smart_exchange(
         plan.tokens_sent_per_step(), plan.tokens_received_per_step(),
     )
     cfg = _Config(plan, expert_fn, group, tracer, build_graph,
-                  shadow_fn=shadows.fn if shadows is not None else None, num_params=len(params))
+                  shadow_fn=shadows.fn if shadows is not None else None,
+                  shadow_ready=shadows.ready if shadows is not None else None,
+                  num_params=len(params))
     return _SmartExchange.apply(cfg, tokens.contiguous(), probs.contiguous(), *params, *weights)

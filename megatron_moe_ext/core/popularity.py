@@ -18,8 +18,9 @@ idx [T, k] expert ids each token chose in one layer (the router's top-k indices)
 
 Metrics for one prediction (``prediction_metrics``): relative error of the hottest experts'
 loads (column sums), and whether the shadow set a policy picks from the prediction equals the
-set it picks from the true counts. This module only predicts; choosing and prefetching the
-shadows is the layer's business (not built yet).
+set it picks from the true counts. This module only predicts; the shadow prefetch built on it
+is :mod:`.prefetch` (state shared by a model's layers, the rule for ignoring a prediction) and
+``FasterMoELayer`` (docs/lina.md, "Shadow prefetch").
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = ["PREDICTORS", "PreviousIterationPredictor", "TransitionPredictor",
            "transition_pairs", "prediction_metrics"]
 
 PREDICTORS = ("none", "previous_iteration", "previous_layer")
-"""Accepted values of the prediction mode (``moe.fastermoe.shadow.prefetch`` in issue 12)."""
+"""Accepted values of ``moe.fastermoe.shadow.prefetch`` (the prediction mode)."""
 
 
 class PreviousIterationPredictor:
@@ -52,26 +53,36 @@ class PreviousIterationPredictor:
         return None if c is None else c.copy()
 
 
+def _multiplicity(x: Any, num_experts: int) -> np.ndarray:
+    """[T, E] float: how often token t picked expert e; from top-k ids [..., T, k] (or [T];
+    leading dims, e.g. a trace record's workers, are flattened into tokens; -1 = no expert, as
+    in trace ``choices``) or a boolean routing map [T, E] (Megatron's ``routing_map``)."""
+    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+    if a.dtype == bool:
+        if a.ndim != 2 or a.shape[1] != num_experts:
+            raise ValueError(f"a routing map must be [T, {num_experts}], got {a.shape}")
+        return a.astype(np.float64)
+    a = a[:, None] if a.ndim == 1 else a.reshape(-1, a.shape[-1])
+    rows = np.repeat(np.arange(a.shape[0]), a.shape[1])
+    ids = a.reshape(-1)
+    ok = ids >= 0
+    m = np.zeros((a.shape[0], num_experts))
+    np.add.at(m, (rows[ok], ids[ok]), 1.0)
+    return m
+
+
 def transition_pairs(idx_below: Any, idx_above: Any, num_experts: int) -> np.ndarray:
-    """[E, E] pair counts of one batch: token t adds 1/k_t to C[a, b] for every a in
-    idx_below[t] and b in idx_above[t], k_t = the token's valid experts above, so row a gains
-    exactly the token's copies sent to a. Both [..., T, k] (same tokens in the same order;
-    leading dims, e.g. workers of a trace record, are flattened); -1 entries (no expert, as in
-    trace ``choices``) are ignored. The one transition count of the package (the predictor
-    below and the traffic report's successor share)."""
-    lo = np.asarray(idx_below.detach().cpu() if hasattr(idx_below, "detach") else idx_below)
-    hi = np.asarray(idx_above.detach().cpu() if hasattr(idx_above, "detach") else idx_above)
-    lo = lo[:, None] if lo.ndim == 1 else lo.reshape(-1, lo.shape[-1])
-    hi = hi[:, None] if hi.ndim == 1 else hi.reshape(-1, hi.shape[-1])
+    """[E, E] pair counts of one batch: token t adds 1/k to C[a, b] for a in idx_below[t],
+    b in idx_above[t] (k: the token's copies above), so row a gains exactly the token's copies
+    sent to a. Each argument is the top-k ids [..., T, k] or a boolean routing map [T, E]
+    (see ``_multiplicity``); same tokens in the same order. A token with no copy above adds
+    nothing. The one transition count of the package (the predictor below and the traffic
+    report's successor share)."""
+    lo, hi = _multiplicity(idx_below, num_experts), _multiplicity(idx_above, num_experts)
     if lo.shape[0] != hi.shape[0]:
         raise ValueError(f"token counts differ: {lo.shape[0]} below, {hi.shape[0]} above")
-    valid_hi = (hi >= 0).sum(axis=1)  # [T]
-    c = np.zeros((num_experts, num_experts))
-    for i in range(lo.shape[1]):
-        for j in range(hi.shape[1]):
-            ok = (lo[:, i] >= 0) & (hi[:, j] >= 0)
-            np.add.at(c, (lo[ok, i], hi[ok, j]), 1.0 / valid_hi[ok])
-    return c
+    k_hi = hi.sum(axis=1, keepdims=True)
+    return lo.T @ np.divide(hi, k_hi, out=np.zeros_like(hi), where=k_hi > 0)
 
 
 class TransitionPredictor:
@@ -86,7 +97,12 @@ class TransitionPredictor:
 
     def observe(self, layer_below: int, idx_below: Any, idx_above: Any) -> None:
         """Record one batch's transitions from MoE layer ``layer_below`` to the next."""
-        pairs = transition_pairs(idx_below, idx_above, self.num_experts)
+        self.observe_pairs(layer_below, transition_pairs(idx_below, idx_above, self.num_experts))
+
+    def observe_pairs(self, layer_below: int, pairs: Any) -> None:
+        """Record one batch's [E, E] :func:`transition_pairs` (e.g. summed over the ranks of an
+        expert-parallel group, so that every rank holds the same P)."""
+        pairs = np.asarray(pairs, dtype=np.float64)
         old = self._c.get(layer_below)
         self._c[layer_below] = pairs if old is None else self.decay * old + (1 - self.decay) * pairs
 

@@ -33,6 +33,7 @@ collective) runs on every worker, owner or not, whenever a backward passes throu
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -42,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["broadcast_from_owners", "functional_apply"]
+__all__ = ["broadcast_from_owners", "start_broadcast", "PendingBroadcast", "functional_apply"]
 
 
 # --------------------------------------------------------------------------- broadcast / reduce
@@ -70,24 +71,13 @@ class _BroadcastPlan:
 
 
 class _ShadowBroadcast(torch.autograd.Function):
-    """Forward: broadcast every item from its owner. Backward: reduce-sum grads to the owner."""
+    """Forward: the replicas of a :class:`PendingBroadcast` (issued already; not waited here).
+    Backward: reduce-sum every rank's gradient to the owner."""
 
     @staticmethod
-    def forward(ctx, plan: _BroadcastPlan, anchor: torch.Tensor, *owned: torch.Tensor):
-        outs, works = [], []
-        owned_iter = iter(owned)
-        for item in plan.items:
-            if item.owner == plan.rank:
-                buf = next(owned_iter).detach().clone(memory_format=torch.contiguous_format)
-            else:
-                buf = torch.empty(item.shape, dtype=item.dtype, device=plan.device)
-            src = plan.global_ranks[item.owner]
-            works.append(dist.broadcast(buf, src=src, group=plan.group, async_op=True))
-            outs.append(buf)
-        for w in works:
-            w.wait()
-        ctx.plan = plan
-        return tuple(outs)
+    def forward(ctx, pending: "PendingBroadcast", anchor: torch.Tensor, *owned: torch.Tensor):
+        ctx.plan = pending.plan
+        return tuple(pending.bufs)
 
     @staticmethod
     @once_differentiable
@@ -114,30 +104,66 @@ class _ShadowBroadcast(torch.autograd.Function):
         return (None, None, *owned_grads)
 
 
-def broadcast_from_owners(
+class PendingBroadcast:
+    """A broadcast from the owners that is in flight (:func:`start_broadcast`).
+
+    ``bufs`` are being filled by async broadcasts; :meth:`wait` blocks until they are complete,
+    :meth:`link` returns them grad-linked to the owners' tensors. Both may be called in either
+    order, but the replicas may only be read after :meth:`wait` (e.g. by an exchange's shadow
+    compute, through ``Shadows.ready``).
+    """
+
+    def __init__(self, plan: _BroadcastPlan, bufs: list[torch.Tensor], works: list[Any],
+                 owned: list[torch.Tensor]) -> None:
+        self.plan, self.bufs = plan, bufs
+        self._works, self._owned = works, owned
+        self._linked = False
+        self.waited_s = 0.0
+        """Seconds :meth:`wait` blocked the host (on CUDA: until the wait was enqueued)."""
+
+    @property
+    def done(self) -> bool:
+        """True once :meth:`wait` returned."""
+        return not self._works
+
+    def wait(self) -> float:
+        """Block until every broadcast completed; returns the seconds blocked by this call
+        (0 once done). Idempotent."""
+        if not self._works:
+            return 0.0
+        t0 = time.perf_counter()
+        for w in self._works:
+            w.wait()
+        self._works = []
+        dt = time.perf_counter() - t0
+        self.waited_s += dt
+        return dt
+
+    def link(self) -> list[torch.Tensor]:
+        """The replicas, linked (when grad mode is on) to the owners' tensors through one
+        autograd node whose backward sums every rank's gradient into the owner's input.
+        Once per broadcast; does not wait."""
+        if self._linked:
+            raise RuntimeError("a PendingBroadcast is linked once")
+        self._linked = True
+        # The anchor makes every rank's outputs require grad, so that every rank enters the
+        # backward collective (a non-owner has no other input that requires grad).
+        anchor = torch.empty(0, device=self.plan.device, requires_grad=torch.is_grad_enabled())
+        return list(_ShadowBroadcast.apply(self, anchor, *self._owned))
+
+
+def start_broadcast(
     tensors: Sequence[Optional[torch.Tensor]],
     owners: Sequence[int],
     templates: Sequence[torch.Tensor],
     group: dist.ProcessGroup,
     reduce_dtype: Optional[torch.dtype] = None,
-) -> list[torch.Tensor]:
-    """Replicate tensors from their owners over ``group``; gradients flow back by reduce-sum.
+) -> PendingBroadcast:
+    """Issue the async broadcasts of :func:`broadcast_from_owners` and return at once.
 
-    Args:
-        tensors: item i is the owner's tensor on rank ``owners[i]`` and ``None`` elsewhere.
-            Owned tensors are only read (cloned), never modified.
-        owners: group rank owning item i (the same list on every rank).
-        templates: a tensor with item i's shape and dtype (e.g. a local tensor of the same
-            layout), used to allocate receive buffers.
-        group: the process group (expert-parallel group); every member must call this with
-            the same ``owners`` and shapes, in the same order relative to other collectives.
-        reduce_dtype: dtype of the backward reduction (e.g. float32 for bf16 parameters);
-            default: each item's dtype.
-
-    Returns:
-        New tensors (one per item, never aliasing the inputs). When grad mode is on they are
-        linked to the owner's tensors through a single autograd node whose backward sums every
-        rank's gradient into the owner's input (non-owners get no gradient from this path).
+    Same arguments and rules. The owners' tensors are copied now (read only), so the result
+    is the parameters' values at issue time. One broadcast per owner (and dtype) carries all
+    of that owner's items, flattened (the replicas are views into it).
     """
     if group is None:
         raise ValueError("broadcast_from_owners needs an explicit process group")
@@ -163,12 +189,56 @@ def broadcast_from_owners(
         global_ranks=tuple(dist.get_global_rank(group, r) for r in range(world)),
         group=group, device=device, reduce_dtype=reduce_dtype,
     )
-    # The anchor makes every rank's outputs require grad, so that every rank enters the
-    # backward collective (a non-owner has no other input that requires grad).
-    anchor = torch.empty(0, device=device, requires_grad=torch.is_grad_enabled())
-    logger.debug("rank %d broadcast_from_owners: %d tensors, owners %s", rank, len(items),
+    # one broadcast per (owner, dtype): the items' flat concatenation; the replicas are views
+    bufs: list[Optional[torch.Tensor]] = [None] * len(items)
+    works = []
+    mine = dict(zip([i for i, it in enumerate(items) if it.owner == rank], owned))
+    keys = list(dict.fromkeys((it.owner, it.dtype) for it in items))
+    for owner, dtype in keys:
+        idx = [i for i, it in enumerate(items) if (it.owner, it.dtype) == (owner, dtype)]
+        sizes = [items[i].shape.numel() for i in idx]
+        if owner == rank:
+            flat = torch.cat([mine[i].detach().reshape(-1) for i in idx])  # a copy
+        else:
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        works.append(dist.broadcast(flat, src=plan.global_ranks[owner], group=group,
+                                    async_op=True))
+        for i, part in zip(idx, flat.split(sizes)):
+            bufs[i] = part.view(items[i].shape)
+    logger.debug("rank %d start_broadcast: %d tensors, owners %s", rank, len(items),
                  sorted(set(owners)))
-    return list(_ShadowBroadcast.apply(plan, anchor, *owned))
+    return PendingBroadcast(plan, bufs, works, owned)
+
+
+def broadcast_from_owners(
+    tensors: Sequence[Optional[torch.Tensor]],
+    owners: Sequence[int],
+    templates: Sequence[torch.Tensor],
+    group: dist.ProcessGroup,
+    reduce_dtype: Optional[torch.dtype] = None,
+) -> list[torch.Tensor]:
+    """Replicate tensors from their owners over ``group``; gradients flow back by reduce-sum.
+
+    Args:
+        tensors: item i is the owner's tensor on rank ``owners[i]`` and ``None`` elsewhere.
+            Owned tensors are only read (cloned), never modified.
+        owners: group rank owning item i (the same list on every rank).
+        templates: a tensor with item i's shape and dtype (e.g. a local tensor of the same
+            layout), used to allocate receive buffers.
+        group: the process group (expert-parallel group); every member must call this with
+            the same ``owners`` and shapes, in the same order relative to other collectives.
+        reduce_dtype: dtype of the backward reduction (e.g. float32 for bf16 parameters);
+            default: each item's dtype.
+
+    Returns:
+        New tensors (one per item, never aliasing the inputs). When grad mode is on they are
+        linked to the owner's tensors through a single autograd node whose backward sums every
+        rank's gradient into the owner's input (non-owners get no gradient from this path).
+        Blocking: :func:`start_broadcast` is the same, issued early and waited later.
+    """
+    pending = start_broadcast(tensors, owners, templates, group, reduce_dtype)
+    pending.wait()
+    return pending.link()
 
 
 def functional_apply(module: torch.nn.Module, names: Sequence[str],

@@ -1,8 +1,8 @@
 """Command line of the scale lab: ``python -m megatron_moe_ext.lab [options]``.
 
 The option names are scripts/bench_moe_layer.py's (same meaning), plus ``--dilation``,
-``--floor``, ``--vary-routing`` and ``--record``. Under the emulator
-(scripts/emulate_cluster.py) ``--cluster`` defaults to the emulated cluster.
+``--floor``, ``--vary-routing``, ``--record``, ``--prefetch`` and ``--attention``. Under the
+emulator (scripts/emulate_cluster.py) ``--cluster`` defaults to the emulated cluster.
 
 Examples::
 
@@ -17,6 +17,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from ..core.popularity import PREDICTORS
+from ..core.prefetch import DEFAULT_SLACK
 from .run import LabConfig, run_lab
 from .setup import default_cluster
 
@@ -25,7 +27,7 @@ __all__ = ["LAB_ONLY", "BENCH_ONLY", "add_lab_arguments", "config_from_args", "m
 
 LAB_ONLY = ("dilation", "floor", "measure_floor", "routing", "gate", "vary_routing", "record",
             "iteration", "model", "layers", "comm_priority", "ddp_bucket_size",
-            "grad_reduce_chunk_mb", "grad_scale")
+            "grad_reduce_chunk_mb", "grad_scale", "prefetch", "prefetch_slack", "attention")
 """Options that only ``--compute emulated`` uses (their defaults are the lab's)."""
 BENCH_ONLY = {"trace_dir": None, "threads": None, "overrides": []}
 """Options of the real-compute benchmark the lab does not have (value = 'not given')."""
@@ -73,6 +75,14 @@ def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> N
                    help="with --skew: the hot experts change from iteration to iteration")
     p.add_argument("--record", action="store_true",
                    help="record plan, expert chunks and shadow sets per iteration in the JSON")
+    p.add_argument("--prefetch", choices=list(PREDICTORS), default="none",
+                   help="shadow prefetch (moe.fastermoe.shadow.prefetch): also run "
+                        "fastermoe_prefetch in the same iterations (default: %(default)s)")
+    p.add_argument("--prefetch-slack", type=float, default=DEFAULT_SLACK,
+                   help="moe.fastermoe.shadow.prefetch_slack (default: %(default)s)")
+    p.add_argument("--attention", action="store_true",
+                   help="emulate the block before the layer (attention, router) in every "
+                        "timed forward; a prefetched broadcast overlaps it")
     it = p.add_argument_group("iteration mode (--iteration; docs/lina.md, 'Lab iteration mode')")
     it.add_argument("--iteration", action="store_true",
                     help="time whole iterations: L layers of emulated attention / dense compute "

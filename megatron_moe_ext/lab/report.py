@@ -144,6 +144,16 @@ def format_table(r: dict) -> str:
     if r["shadows"] and r["shadows"] != [[]]:
         lines.append("shadows: " + ", ".join(f"{s} x{n}" for s, n in
                                              zip(r["shadows"], r["shadow_set_counts"])))
+    exposed = {n: v["exposed_broadcast_s"] for n, v in r["impls"].items()
+               if v.get("exposed_broadcast_s") is not None}
+    if exposed:
+        lines.append("waited for shadow broadcasts (median of the max over ranks): " + ", ".join(
+            f"{n} {s * 1e3:.2f} ms" for n, s in exposed.items()))
+    if r.get("prefetch"):
+        pf = r["prefetch"]
+        lines.append(f"prefetch {pf['mode']} (slack {pf['slack']:g}): prefetched set used in "
+                     f"{pf['used'] * 100:.0f} %, equal to the true-count set in "
+                     f"{pf['set_match'] * 100:.0f} % of the calls")
     lab = r["lab"]
     for name, f in (lab.get("floor") or {}).items():
         lines.append(f"floor {name}: {f['fwd_bwd_s'] * 1e3:.1f} ms = {f['fraction'] * 100:.1f} % "

@@ -39,20 +39,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.exchange import Shadows, smart_exchange
 from ..core.plan import build_plan
-from ..core.shadow import broadcast_from_owners
-from .accelerator import EmulatedAccelerator, SleepStats
-from .baseline import sync_exchange
+from ..core.popularity import PREDICTORS
+from ..core.prefetch import DEFAULT_SLACK, PopularityState
+from .accelerator import EmulatedAccelerator
+from .layer import TORCH_DTYPES as _TORCH_DTYPES
+from .layer import LabLayer, RealExperts
 from .report import format_table, summarize
 from .setup import (
     emulator_scale,
     lab_counts,
     lab_topology,
+    layer_transition,
     predict,
     resolve_dilation,
+    route_above,
     score_counts,
-    select_shadows,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,7 +64,6 @@ __all__ = ["LabConfig", "RealExperts", "bench_layer", "lab_worker", "run_lab"]
 IMPLS = ("megatron", "fastermoe")
 """megatron: synchronous EP (sync_exchange); fastermoe: smart_exchange + shadows."""
 COMPUTE_MODES = ("emulated", "real")
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -99,6 +100,17 @@ class LabConfig:
     """Shadow policy: never, predictor, model, top_k."""
     shadow_max_experts: int = 1
     """With top_k: experts shadowed every call."""
+    prefetch: str = "none"
+    """Shadow prefetch (``moe.fastermoe.shadow.prefetch``): with previous_iteration or
+    previous_layer the run ``fastermoe_prefetch`` (FasterMoE with prefetch) joins the same
+    iterations. previous_layer: the layer's routing is a layer below's (varying with
+    --vary-routing) through a fixed expert permutation (:func:`.setup.route_above`)."""
+    prefetch_slack: float = DEFAULT_SLACK
+    """``moe.fastermoe.shadow.prefetch_slack`` (:func:`core.prefetch.use_prefetched`)."""
+    attention: bool = False
+    """Emulate the block before the layer (attention, router) in every timed forward: a sleep
+    of the forward expert time of T tokens (the four H x H attention projections when
+    F = 2H). A prefetched broadcast is issued before it."""
     group_size: int = 1
     """g of the smart schedule (groups follow the topology's group_order(g))."""
     dtype: str = "fp32"
@@ -164,6 +176,12 @@ class LabConfig:
             raise ValueError("--floor / --measure-floor need --compute emulated")
         if self.floor and self.measure_floor:
             raise ValueError("--floor and --measure-floor exclude each other")
+        if self.prefetch not in PREDICTORS:
+            raise ValueError(f"--prefetch {self.prefetch!r}: expected one of {list(PREDICTORS)}")
+        if self.prefetch != "none" and (self.shadow == "never" or self.impl == "megatron"):
+            raise ValueError("--prefetch needs --shadow other than never and the fastermoe impl")
+        if self.attention and self.compute != "emulated":
+            raise ValueError("--attention needs --compute emulated")
         resolve_dilation(self.dilation)
         if self.iteration:
             if self.compute != "emulated":
@@ -192,40 +210,6 @@ class LabConfig:
                                      "or a number > 0")
 
 
-class RealExperts:
-    """A small real expert per local expert: y = p * ((x W1^T) W2), W1 [F, H], W2 [F, H]
-    (no activation; 2 F H parameters per expert like an MLP expert), deterministic weights."""
-
-    def __init__(self, num_local: int, hidden: int, ffn: int, dtype: torch.dtype, seed: int,
-                 first_expert: int) -> None:
-        self.params = []
-        for e in range(num_local):
-            gen = torch.Generator().manual_seed(seed * 7919 + first_expert + e)
-            w = (torch.randn(2 * ffn, hidden, generator=gen) / hidden ** 0.5).to(dtype)
-            self.params.append(w.requires_grad_(True))
-        self.ffn = ffn
-        self.stats = SleepStats(record=True)
-
-    def mlp(self, w: torch.Tensor, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """One expert on its tokens."""
-        h = x @ w[: self.ffn].t()
-        return (h @ w[self.ffn:]) * p.unsqueeze(-1).to(x.dtype)
-
-    def expert_fn(self, x: torch.Tensor, p: torch.Tensor, tokens_per_expert) -> torch.Tensor:
-        """``expert_fn`` of the exchange: local experts in order on their slices of x."""
-        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
-        outs, off = [], 0
-        for w, n in zip(self.params, tokens_per_expert):
-            outs.append(self.mlp(w, x[off:off + n], p[off:off + n]))
-            off += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def shadow_fn(self, weights, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """A shadowed expert with its broadcast weights."""
-        self.stats.add("fwd", x.shape[0], 0.0, 0.0)
-        return self.mlp(weights[0], x, p)
-
-
 def _median(xs):
     return float(statistics.median(xs)) if xs else None
 
@@ -236,69 +220,7 @@ def _init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-class _Layer:
-    """The two implementations of one MoE layer's expert part on this rank."""
-
-    def __init__(self, cfg: LabConfig, rank: int, world: int, topo, accel, group) -> None:
-        self.cfg, self.rank, self.world, self.topo, self.accel = cfg, rank, world, topo, accel
-        self.group = group
-        self.e_l = cfg.experts // world
-        self.order = topo.group_order(min(cfg.group_size, world))
-        self.last_shadows: list[int] = []
-        self.dtype = _TORCH_DTYPES[cfg.dtype]
-        if isinstance(accel, RealExperts):
-            self.expert_params = accel.params
-        elif cfg.shadow != "never":
-            # stand-in parameters of the local experts (2 F H elements each), broadcast at
-            # their real size when shadowed
-            self.expert_params = [torch.zeros(2 * cfg.ffn, cfg.hidden, dtype=self.dtype)
-                                  for _ in range(self.e_l)]
-        else:
-            self.expert_params = []
-
-    def gather_counts(self, row: np.ndarray) -> torch.Tensor:
-        """The dispatcher's all-gather of every rank's tokens-per-expert row."""
-        local = torch.as_tensor(row, dtype=torch.int64)
-        out = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(out, local, group=self.group)
-        return torch.stack(out)
-
-    def megatron(self, x, p, row):
-        counts = self.gather_counts(row)
-        return sync_exchange(x, p, counts, self.accel.expert_fn, self.group)
-
-    def fastermoe(self, x, p, row):
-        cfg = self.cfg
-        counts = self.gather_counts(row)
-        c = counts.numpy()
-        shadows = select_shadows(cfg.shadow, c, self.topo, cfg.hidden, cfg.ffn, cfg.dtype,
-                                 min(cfg.group_size, self.world), cfg.shadow_max_experts)
-        self.last_shadows = list(shadows)
-        params = list(self.expert_params) if isinstance(self.accel, RealExperts) else []
-        g = min(cfg.group_size, self.world)
-        if not shadows:
-            return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
-                                  group_size=g, group_order=self.order)
-        order = sorted(set(shadows))
-        tensors, owners = [], []
-        for e in order:
-            owner = e // self.e_l
-            tensors.append(self.expert_params[e - self.rank * self.e_l] if owner == self.rank
-                           else None)
-            owners.append(owner)
-        tmpl = [self.expert_params[0]] * len(order)
-        replicas = broadcast_from_owners(tensors, owners, tmpl, self.group)
-        accel = self.accel
-        shadow = Shadows(weights={e: [w] for e, w in zip(order, replicas)},
-                         fn=lambda e, xs, ps, ws: accel.shadow_fn(ws, xs, ps))
-        # the owners' shadowed parameters get their gradient from the broadcast's backward
-        mine = {e - self.rank * self.e_l for e in order if e // self.e_l == self.rank}
-        params = [w for i, w in enumerate(params) if i not in mine]
-        return smart_exchange(x, p, counts, self.accel.expert_fn, params, group=self.group,
-                              group_size=g, group_order=self.order, shadows=shadow)
-
-
-def _alone_alltoall(layer: _Layer, rows: np.ndarray, x: torch.Tensor) -> float:
+def _alone_alltoall(layer: LabLayer, rows: np.ndarray, x: torch.Tensor) -> float:
     """One all_to_all_single of the routed tokens alone (the overlap bound's A)."""
     e_l, rank = layer.e_l, layer.rank
     ins = [int(rows[rank, w * e_l:(w + 1) * e_l].sum()) for w in range(layer.world)]
@@ -349,9 +271,17 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
     else:
         accel = RealExperts(e_l, cfg.hidden, cfg.ffn, dtype, cfg.seed, rank * e_l)
         dil, dil_source = 1.0, "real compute"
-    layer = _Layer(cfg, rank, world, topo, accel, group)
+    layer = LabLayer(cfg, rank, world, topo, accel, group)
     impls = list(IMPLS) if cfg.impl == "both" else [cfg.impl]
     runs = list(impls)
+    if cfg.prefetch != "none":
+        runs.append("fastermoe_prefetch")
+    state = PopularityState(cfg.prefetch, cfg.experts) if cfg.prefetch != "none" else None
+    if state is not None:
+        for n in (0, 1):  # 0: the layer below (previous_layer), 1: the benchmarked layer
+            state.register(n)
+    sigma = layer_transition(cfg.experts, cfg.seed)
+    prefetch_recs: list[dict] = []
     if cfg.skew > 0 and "megatron" in impls:
         runs.append("megatron_balanced")
     if cfg.measure_floor:
@@ -382,9 +312,18 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
             rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
                               it, cfg.vary_routing)
         bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
+        pred = idx_hi = None
+        if state is not None:  # the layer below ran (its counts), then this layer predicts
+            if cfg.prefetch == "previous_layer":
+                below = rows
+                rows, idx_lo, idx_hi = route_above(below, sigma, rank)
+                state.observe(0, below, torch.as_tensor(idx_lo), group)
+            pred = state.predict(1)[0]
         for name in (runs if it % 2 == 0 else runs[::-1]):
             r = bal if name == "megatron_balanced" else rows
             fn = layer.fastermoe if name.endswith("fastermoe") else layer.megatron
+            if name == "fastermoe_prefetch":
+                fn = lambda *a: layer.fastermoe(*a, prefetch=(pred,))  # noqa: E731
             if cfg.measure_floor:
                 accel.dilation = 0.0 if name.startswith("floor_") else dil
             n = int(r[rank].sum())  # the gate may drop copies
@@ -407,6 +346,10 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                 continue
             sleep_req += accel.stats.requested_s
             sleep_act += accel.stats.actual_s
+            if "fastermoe" in name:
+                times.setdefault(f"{name}.exposed", []).append(layer.last_exposed_s)
+            if name == "fastermoe_prefetch":
+                prefetch_recs.append(dict(layer.last_prefetch, shadows=list(layer.last_shadows)))
             if name == "fastermoe":
                 shadow_sets.append(list(layer.last_shadows))
             if cfg.record and name == "fastermoe":
@@ -427,6 +370,8 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                 preds.setdefault(name, []).append(predict(
                     r, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
                     min(cfg.group_size, world) if sched == "smart" else 1, sh).total_s)
+        if state is not None:
+            state.observe(1, rows, None if idx_hi is None else torch.as_tensor(idx_hi), group)
         if timed:
             alone_a2a.append(_alone_alltoall(layer, rows, x0[:int(rows[rank].sum())]))
             b_rank = int(rows[:, rank * e_l:(rank + 1) * e_l].sum())
@@ -453,6 +398,15 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
         results = summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds,
                              shadow_sets, a2a_mx, comp_mx, sleep_req_mx, sleep_act_mx,
                              (load_start, load_end))
+        for name, rec in results["impls"].items():
+            if f"{name}.exposed" in mx:
+                rec["exposed_broadcast_s"] = _median(mx[f"{name}.exposed"])
+        if prefetch_recs:
+            n = len(prefetch_recs)
+            results["prefetch"] = {
+                "mode": cfg.prefetch, "slack": cfg.prefetch_slack,
+                "used": sum(r["used"] for r in prefetch_recs) / n,
+                "set_match": sum(r["set_match"] for r in prefetch_recs) / n}
         if cfg.record:
             results["records"] = rec_all
         if cfg.json:

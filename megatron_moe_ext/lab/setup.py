@@ -34,7 +34,7 @@ __all__ = [
     "SHADOW_POLICIES", "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
     "gate_fraction", "score_counts",
-    "predict",
+    "predict", "layer_transition", "route_above",
 ]
 
 EMULATION_SCALE_ENV = "MMX_EMULATION_SCALE"
@@ -217,3 +217,20 @@ def select_shadows(policy: str, counts: np.ndarray, topology: Topology, hidden: 
     return [int(e) for e in choose_shadows(c, c.shape[1] // w, H=hidden, alpha=ffn / hidden,
                                            dtype_bytes=DTYPE_BYTES[dtype], gemm_flops=p,
                                            net_bandwidth=topology.net_bandwidth())]
+
+
+def layer_transition(num_experts: int, seed: int) -> np.ndarray:
+    """sigma: the fixed expert permutation between the layer below and the benchmarked layer
+    (``--prefetch previous_layer``): a copy routed to e below goes to sigma[e] above."""
+    return np.random.default_rng([seed, 17]).permutation(num_experts)
+
+
+def route_above(rows_below: np.ndarray, sigma: np.ndarray, rank: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(counts above [W, E], this rank's copies' experts below [n, 1], above [n, 1]) when
+    every copy to e below goes to sigma[e] above (the same copies, so a transition
+    predictor can observe the pairs)."""
+    above = np.zeros_like(rows_below)
+    above[:, sigma] = rows_below
+    idx = np.repeat(np.arange(rows_below.shape[1]), rows_below[rank])[:, None]
+    return above, idx, sigma[idx]

@@ -14,6 +14,9 @@ for them locally with the same expert MLP function (the local chunks of step 0 o
 computed while the first sends are in flight), and their gradients are reduce-summed back to
 the owners in backward (:mod:`megatron_moe_ext.core.shadow`). Shadowing never changes the
 math: outputs and gradients equal stock Megatron's up to floating-point summation order.
+With shadow prefetch (``moe.fastermoe.shadow.prefetch``, :mod:`megatron_moe_ext.core.prefetch`)
+the broadcast of a set chosen from predicted counts starts before the router and is kept or
+dropped on the true counts (docs/lina.md, "Shadow prefetch").
 
 Options: :class:`FasterMoEOptions` (built from the run config by
 :meth:`FasterMoEOptions.from_moe_config`). No performance-model work runs per call for the
@@ -42,7 +45,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_moe_ext.core.comm import gather_counts
 from megatron_moe_ext.core.exchange import Shadows, smart_exchange
 from megatron_moe_ext.core.plan import validate_group_size
-from megatron_moe_ext.core.shadow import broadcast_from_owners
+from megatron_moe_ext.core.popularity import PREDICTORS, prediction_metrics
+from megatron_moe_ext.core.prefetch import DEFAULT_SLACK, PopularityState, use_prefetched
+from megatron_moe_ext.core.shadow import PendingBroadcast, start_broadcast
 from megatron_moe_ext.core.shadow_policy import (
     SHADOW_POLICIES,
     choose_shadows,
@@ -85,11 +90,21 @@ class FasterMoEOptions:
     name or a YAML path; None: :data:`DEFAULT_CLUSTER`."""
     trace: bool = False
     """Record send / compute / return spans for a Chrome trace (``moe.fastermoe.trace``)."""
+    shadow_prefetch: str = "none"
+    """Predict the shadows before routing and broadcast them early
+    (``moe.fastermoe.shadow.prefetch``): ``none``, ``previous_iteration``, ``previous_layer``;
+    the predictor state is attached with :meth:`FasterMoELayer.attach_prefetch`."""
+    prefetch_slack: float = DEFAULT_SLACK
+    """Slack of the rule for ignoring a prediction (``moe.fastermoe.shadow.prefetch_slack``,
+    :func:`core.prefetch.use_prefetched`)."""
 
     def __post_init__(self) -> None:
         if self.shadow_policy not in SHADOW_POLICIES:
             raise ValueError(f"moe.fastermoe.shadow.policy={self.shadow_policy!r} is not one of "
                              f"{', '.join(SHADOW_POLICIES)}")
+        if self.shadow_prefetch not in PREDICTORS:
+            raise ValueError(f"moe.fastermoe.shadow.prefetch={self.shadow_prefetch!r} is not one "
+                             f"of {', '.join(PREDICTORS)}")
 
     @classmethod
     def from_moe_config(cls, moe: Any) -> "FasterMoEOptions":
@@ -97,7 +112,9 @@ class FasterMoEOptions:
         f = moe.fastermoe
         return cls(group_size=int(f.group_size), shadow_policy=str(f.shadow.policy),
                    shadow_max_experts=int(f.shadow.max_experts),
-                   cluster=None if f.cluster is None else str(f.cluster), trace=bool(f.trace))
+                   cluster=None if f.cluster is None else str(f.cluster), trace=bool(f.trace),
+                   shadow_prefetch=str(f.shadow.prefetch),
+                   prefetch_slack=float(f.shadow.prefetch_slack))
 
 
 class CountsDispatcher(MoEAlltoAllTokenDispatcher):
@@ -135,6 +152,12 @@ class FasterMoELayer(MoELayer):
 
     last_shadows: list[int]
     """Global expert ids shadowed in the latest forward (in the policy's order; [] if none)."""
+    last_prefetch: Optional[dict]
+    """With shadow prefetch, the latest forward's: ``source`` (predictor used or ``none``),
+    ``used`` (the prefetched set was used), ``set_match`` (prefetched set == the policy's set on
+    the true counts), ``hot_load_error`` (:func:`core.popularity.prediction_metrics`'
+    ``hot_load_rel_err``), ``exposed_s`` (seconds waited for the prefetched broadcast); the
+    last two are None without a prediction. None without prefetch."""
 
     @staticmethod
     def options_from_moe_config(moe: Any) -> FasterMoEOptions:
@@ -177,6 +200,10 @@ class FasterMoELayer(MoELayer):
         if self.options.trace:
             self.tracer = Tracer(rank=dist.get_rank(), cuda_sync=torch.cuda.is_available())
         self.last_shadows = []
+        self.last_prefetch = None
+        self.prefetch_state: Optional[PopularityState] = None
+        self._prefetch: Optional[tuple] = None  # (prediction, source, shadows, pending)
+        self._routing_map: Optional[torch.Tensor] = None
         self._last: Optional[tuple[torch.Tensor, list[int]]] = None  # counts, shadows
         self._predictions: OrderedDict[tuple, Optional[LayerPrediction]] = OrderedDict()
         self._chosen: OrderedDict[bytes, list[int]] = OrderedDict()
@@ -313,8 +340,8 @@ class FasterMoELayer(MoELayer):
         way the configured expert module applies one expert (megatron/expert_layouts.py)."""
         return self.expert_layout.apply(weights, x, p)
 
-    def _broadcast_shadows(self, shadows: list[int]) -> dict[int, list[torch.Tensor]]:
-        """{expert: its weights on this rank} broadcast from the owners (grad-linked)."""
+    def _start_broadcast(self, shadows: list[int]) -> PendingBroadcast:
+        """Issue the broadcast of the (sorted) ``shadows``' weights from their owners."""
         layout = self.expert_layout
         templates = layout.templates()
         first, e_l = self.local_expert_indices[0], self.num_local_experts
@@ -327,29 +354,107 @@ class FasterMoELayer(MoELayer):
             owners += [owner] * len(templates)
             tmpl += templates
         reduce_dtype = torch.float32 if self._param_dtype in (torch.bfloat16, torch.float16) else None
-        flat = broadcast_from_owners(tensors, owners, tmpl, self.ep_group, reduce_dtype=reduce_dtype)
-        n = len(templates)
-        return {e: flat[i * n:(i + 1) * n] for i, e in enumerate(shadows)}
+        return start_broadcast(tensors, owners, tmpl, self.ep_group, reduce_dtype=reduce_dtype)
+
+    def _shadows(self, order: list[int], pending: PendingBroadcast) -> Shadows:
+        """The exchange's shadows: ``order``'s weights from ``pending`` (grad-linked), read
+        once ``pending`` is waited for (at the shadow compute of step 0)."""
+        flat, n = pending.link(), len(self.expert_layout.templates())
+        weights = {e: flat[i * n:(i + 1) * n] for i, e in enumerate(order)}
+        return Shadows(weights=weights, fn=self._shadow_expert_fn, ready=pending.wait)
+
+    # ------------------------------------------------------------------ shadow prefetch
+    def attach_prefetch(self, state: PopularityState) -> None:
+        """Share ``state`` (one per model stage, :func:`megatron.model.attach_shadow_prefetch`)
+        for ``moe.fastermoe.shadow.prefetch``."""
+        if self.options.shadow_prefetch == "none":
+            raise ValueError("attach_prefetch: moe.fastermoe.shadow.prefetch is none")
+        state.register(self.layer_number, on_ready=self._start_prefetch)
+        self.prefetch_state = state
+
+    def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Megatron's routing; with prefetch, the predicted shadows' broadcast was started when
+        the MoE layer below finished (else it starts here, before the router)."""
+        if self.options.shadow_prefetch != "none" and self._prefetch is None:
+            self._start_prefetch()
+        probs, routing_map = super().route(hidden_states, *args, **kwargs)
+        self._routing_map = routing_map if self.prefetch_state is not None else None
+        return probs, routing_map
+
+    def _start_prefetch(self) -> None:
+        """Predict this layer's counts, choose shadows from them, issue their broadcast."""
+        if self.prefetch_state is None:
+            raise RuntimeError(f"layer {self.layer_number}: moe.fastermoe.shadow.prefetch="
+                               f"{self.options.shadow_prefetch} needs attach_prefetch(state)")
+        if self._prefetch is not None and self._prefetch[3] is not None:
+            self._prefetch[3].wait()  # started for a forward that never came: drop it
+        pred, source = self.prefetch_state.predict(self.layer_number)
+        if self.ep_group.size() < 2:
+            pred, source = None, "none"
+        shadows = None if pred is None else self.select_shadows(torch.from_numpy(pred))
+        pending = self._start_broadcast(sorted(set(shadows))) if shadows else None
+        self._prefetch = (pred, source, shadows, pending)
+
+    def _resolve_prefetch(self, counts: torch.Tensor, chosen: list[int]
+                          ) -> tuple[list[int], Optional[PendingBroadcast]]:
+        """(shadows to use, their pending broadcast or None) by core.prefetch.use_prefetched;
+        records :attr:`last_prefetch`. An ignored broadcast is waited for and dropped."""
+        pf, self._prefetch = self._prefetch, None
+        if pf is None:
+            return chosen, None
+        pred, source, shadows, pending = pf
+
+        def cost(s: list[int]) -> Optional[float]:
+            p = self.predict(counts, s)
+            return None if p is None else p.total_s
+
+        use = use_prefetched(shadows, chosen, cost if self.topology is not None else None,
+                             self.options.prefetch_slack)
+        rec = {"source": source, "used": use, "set_match": None, "hot_load_error": None,
+               "exposed_s": None}
+        if pred is not None:
+            rec["set_match"] = sorted(shadows) == sorted(chosen)
+            rec["hot_load_error"] = prediction_metrics(pred, counts)["hot_load_rel_err"]
+            rec["exposed_s"] = 0.0
+        self.last_prefetch = rec
+        if use:
+            return list(shadows), pending
+        if pending is not None:
+            pending.wait()
+            rec["exposed_s"] = pending.waited_s
+        return chosen, None
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """The grouped pairwise exchange; shadowed experts are its local chunks of step 0."""
         counts = self.token_dispatcher.counts
-        shadows = self.select_shadows(counts)
+        shadows, pending = self._resolve_prefetch(counts, self.select_shadows(counts))
         self.last_shadows = list(shadows)
         self._last = (counts, list(shadows))
         logger.debug("layer %s: shadows %s", self.layer_number, shadows)
         if not shadows:
             params = list(self.experts.parameters())
-            return self._exchange(hidden_states, probs, counts, params, None), None
-        order = sorted(set(shadows))
-        weights = self._broadcast_shadows(order)
-        # The owners' shadowed parameters get their gradient from the broadcast's backward only.
-        first = self.local_expert_indices[0]
-        skip = {id(p) for e in order if 0 <= e - first < self.num_local_experts
-                for p in self.expert_layout.expert_params(e - first)}
-        params = [p for p in self.experts.parameters() if id(p) not in skip]
-        shadow = Shadows(weights=weights, fn=self._shadow_expert_fn)
-        return self._exchange(hidden_states, probs, counts, params, shadow), None
+            out = self._exchange(hidden_states, probs, counts, params, None)
+        else:
+            order = sorted(set(shadows))
+            prefetched = pending is not None
+            if not prefetched:  # blocking, as without prefetch
+                pending = self._start_broadcast(order)
+                pending.wait()
+            # The owners' shadowed parameters get their gradient from the broadcast's backward.
+            first = self.local_expert_indices[0]
+            skip = {id(p) for e in order if 0 <= e - first < self.num_local_experts
+                    for p in self.expert_layout.expert_params(e - first)}
+            params = [p for p in self.experts.parameters() if id(p) not in skip]
+            out = self._exchange(hidden_states, probs, counts, params,
+                                 self._shadows(order, pending))
+            if prefetched:
+                pending.wait()  # a rank without tokens for the shadows never reached ready()
+                self.last_prefetch["exposed_s"] = pending.waited_s
+        if self.prefetch_state is not None:
+            self.prefetch_state.observe(self.layer_number, counts, self._routing_map,
+                                        self.ep_group)
+            self._routing_map = None
+        return out, None
 
     def _exchange(self, tokens: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
                   params: list[torch.Tensor], shadows: Optional[Shadows]) -> torch.Tensor:

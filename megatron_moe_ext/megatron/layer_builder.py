@@ -77,7 +77,11 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
-    from megatron_moe_ext.megatron.model import _swap_moe, build_transformer_config
+    from megatron_moe_ext.megatron.model import (
+        _swap_moe,
+        attach_shadow_prefetch,
+        build_transformer_config,
+    )
     from megatron_moe_ext.megatron.versions import build_moe
 
     tconf = build_transformer_config(cfg, device)
@@ -90,6 +94,7 @@ def build_pair(cfg, pg_collection, layer_number: int = 1, device: str = "cpu"):
     faster.load_state_dict(stock.state_dict())
     for layer in (stock, faster):
         layer.set_layer_number(layer_number)
+    attach_shadow_prefetch(faster, cfg)  # its own predictor state (moe.fastermoe.shadow.prefetch)
     return stock, faster
 
 

@@ -220,7 +220,25 @@ def build_model(
     :func:`check_moe_layers`."""
     model = _build_model(cfg, tconf, vocab_size, pg_collection, pre_process, post_process)
     check_moe_layers(model, cfg)
+    attach_shadow_prefetch(model, cfg)
     return model
+
+
+def attach_shadow_prefetch(module: torch.nn.Module, cfg: Config):
+    """With moe.fastermoe.shadow.prefetch: one :class:`core.prefetch.PopularityState` shared by
+    every FasterMoE layer of ``module`` (a model stage, or one layer); returns it (None
+    without prefetch)."""
+    mode = cfg.moe.fastermoe.shadow.prefetch
+    if mode == "none" or cfg.moe.impl != "fastermoe":
+        return None
+    from megatron_moe_ext.core.prefetch import PopularityState
+    from megatron_moe_ext.megatron.fastermoe_layer import FasterMoELayer
+
+    state = PopularityState(mode, cfg.moe.num_experts)
+    for m in module.modules():
+        if isinstance(m, FasterMoELayer):
+            m.attach_prefetch(state)
+    return state
 
 
 def _build_model(cfg, tconf, vocab_size, pg_collection, pre_process, post_process):

@@ -378,9 +378,9 @@ class Trainer:
         layer's predicted seconds and its shadowed experts; gathered over pipeline stages."""
         local = self.time_tracker.collect()
         for rec in local.values():
-            rec["measured_s"] /= max(1, window)
-            if "predicted_s" in rec:
-                rec["predicted_s"] /= max(1, window)
+            for key in ("measured_s", "predicted_s", "prefetch_exposed_s"):
+                if key in rec:
+                    rec[key] /= max(1, window)
         if dist.get_world_size(pp_group) > 1:
             parts: list[Any] = [None] * dist.get_world_size(pp_group)
             dist.all_gather_object(parts, local, group=pp_group)

@@ -107,7 +107,8 @@ class ExpertLoadTracker:
 class LayerTimeTracker:
     """Measured forward+backward time of every MoE layer (host clock; on CUDA the layer's
     kernels are synchronised first), and for FasterMoE layers the shadowed experts and the
-    performance model's predicted time, summed over the micro-batches of an iteration.
+    performance model's predicted time, summed over the micro-batches of an iteration; with
+    shadow prefetch also its figures (:func:`prefetch_summary`).
 
     Backward is timed from the arrival of the output gradient to the completion of the input
     gradient (tensor hooks), so it needs no module-level backward hooks.
@@ -119,6 +120,7 @@ class LayerTimeTracker:
         self.measured: dict[int, float] = {}
         self.predicted: dict[int, list[Callable[[], Optional[float]]]] = {}
         self.shadows: dict[int, list[list[int]]] = {}
+        self.prefetch: dict[int, list[dict]] = {}
         self._handles = []
         self._start: dict[int, float] = {}
         for chunk in model_chunks:
@@ -156,6 +158,8 @@ class LayerTimeTracker:
         self._add(layer, self._now() - self._start.pop(id(module), self._now()))
         if getattr(module, "last_shadows", None) is not None:
             self.shadows.setdefault(layer, []).append(list(module.last_shadows))
+        if getattr(module, "last_prefetch", None) is not None:
+            self.prefetch.setdefault(layer, []).append(dict(module.last_prefetch))
         deferred = getattr(module, "deferred_predicted_s", None)  # evaluated in collect()
         if deferred is not None:
             self.predicted.setdefault(layer, []).append(deferred())
@@ -170,7 +174,8 @@ class LayerTimeTracker:
             out.register_hook(_output_grad_arrived)
 
     def collect(self) -> dict[int, dict[str, Any]]:
-        """{layer: {measured_s, predicted_s?, shadows?}} of this rank, then reset."""
+        """{layer: {measured_s, predicted_s?, shadows?, prefetch_*?}} of this rank, then
+        reset."""
         out: dict[int, dict[str, Any]] = {}
         for layer, seconds in self.measured.items():
             rec: dict[str, Any] = {"measured_s": seconds}
@@ -179,11 +184,31 @@ class LayerTimeTracker:
                 rec["predicted_s"] = sum(predicted)
             if layer in self.shadows:
                 rec["shadows"] = sorted({e for mb in self.shadows[layer] for e in mb})
+            if layer in self.prefetch:
+                rec.update(prefetch_summary(self.prefetch[layer]))
             out[layer] = rec
         self.measured.clear()
         self.predicted.clear()
         self.shadows.clear()
+        self.prefetch.clear()
         return out
+
+
+def prefetch_summary(calls: list[dict]) -> dict[str, Any]:
+    """One layer's shadow-prefetch figures from its calls' ``FasterMoELayer.last_prefetch``:
+    ``prefetch_hot_load_error`` (mean over the calls with a prediction, None without),
+    ``prefetch_set_match`` (fraction of those calls whose prefetched set was the policy's set
+    on the true counts), ``prefetch_used`` (fraction of all calls that used the prefetched
+    set), ``prefetch_exposed_s`` (seconds waited for prefetched broadcasts, summed)."""
+    predicted = [c for c in calls if c["hot_load_error"] is not None]
+    n = len(predicted)
+    return {
+        "prefetch_hot_load_error": (sum(c["hot_load_error"] for c in predicted) / n
+                                    if n else None),
+        "prefetch_set_match": sum(bool(c["set_match"]) for c in predicted) / n if n else None,
+        "prefetch_used": sum(bool(c["used"]) for c in calls) / max(1, len(calls)),
+        "prefetch_exposed_s": sum(c["exposed_s"] or 0.0 for c in calls),
+    }
 
 
 class ImbalanceTracker:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_moe_ext.core.shadow import broadcast_from_owners, functional_apply
+from megatron_moe_ext.core.shadow import broadcast_from_owners, functional_apply, start_broadcast
 from tests.helpers import spawn
 
 H, F = 5, 7
@@ -64,7 +64,12 @@ def _check_case(rank: int, world: int, owners_of_items: list[int], dtype, tol: f
         tmpl += mine
     reduce_dtype = torch.float32 if dtype == torch.bfloat16 else None
     for step in range(2):  # gradient accumulation over two "micro-batches"
-        out = broadcast_from_owners(tensors, owners, tmpl, group, reduce_dtype=reduce_dtype)
+        if step == 0:
+            out = broadcast_from_owners(tensors, owners, tmpl, group, reduce_dtype=reduce_dtype)
+        else:  # issued early, linked before it completes, waited for before use (prefetch)
+            pending = start_broadcast(tensors, owners, tmpl, group, reduce_dtype=reduce_dtype)
+            out = pending.link()
+            assert pending.wait() >= 0.0 and pending.done and pending.wait() == 0.0
         for k, o in enumerate(shadows):
             ref = _expert_params(o, dtype)
             assert torch.equal(out[2 * k], ref[0]) and torch.equal(out[2 * k + 1], ref[1])

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_moe_ext.lab import LabConfig, lab_counts, lab_topology, run_lab
-from megatron_moe_ext.lab.run import RealExperts, _Layer
+from megatron_moe_ext.lab.layer import LabLayer, RealExperts
 from megatron_moe_ext.runtime.launch import spawn
 
 CLUSTER = str(Path(__file__).with_name("lab2x2.yaml"))
@@ -19,7 +20,8 @@ W, E, T, H, F = 4, 8, 96, 32, 48
 
 
 def _tie(rank: int, world: int, out_dir: str) -> None:
-    """sync_exchange vs smart_exchange (g = 1, 2; with and without shadows), real expert."""
+    """sync_exchange vs smart_exchange (g = 1, 2; with and without shadows; with shadows
+    prefetched from a wrong prediction, used), real expert."""
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     topo = lab_topology(CLUSTER, world)
@@ -30,19 +32,23 @@ def _tie(rank: int, world: int, out_dir: str) -> None:
     gy = torch.randn(2 * T, H, generator=gen, dtype=torch.float64)
     res = {}
     for name, g, shadow in (("sync", 1, "never"), ("smart1", 1, "never"),
-                            ("smart2", 2, "never"), ("smart2_shadow", 2, "top_k")):
+                            ("smart2", 2, "never"), ("smart2_shadow", 2, "top_k"),
+                            ("smart2_prefetch", 2, "top_k")):
+        pf = dict(prefetch="previous_iteration", prefetch_slack=1e9) if "prefetch" in name else {}
         cfg = LabConfig(cluster=CLUSTER, experts=E, tokens=T, hidden=H, ffn=F, group_size=g,
-                        shadow=shadow, shadow_max_experts=2, compute="real")
+                        shadow=shadow, shadow_max_experts=2, compute="real", **pf)
         experts = RealExperts(E // world, H, F, torch.float64, 3, rank * (E // world))
-        layer = _Layer(cfg, rank, world, topo, experts, dist.group.WORLD)
+        layer = LabLayer(cfg, rank, world, topo, experts, dist.group.WORLD)
         layer.dtype = torch.float64
         x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
         fn = layer.megatron if name == "sync" else layer.fastermoe
+        if pf:  # predicted: the hot experts' loads one expert to the right
+            fn = lambda *a: layer.fastermoe(*a, prefetch=(np.roll(rows, 1, axis=1),))  # noqa: E731
         y = fn(x, p, rows[rank])
         y.backward(gy)
         res[name] = {"y": y.detach(), "gx": x.grad, "gp": p.grad,
                      "gw": [w.grad.clone() for w in experts.params],
-                     "shadows": list(layer.last_shadows)}
+                     "shadows": list(layer.last_shadows), "prefetch": layer.last_prefetch}
     res["layouts"] = _layouts(topo)
     torch.save(res, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -100,9 +106,11 @@ def test_sync_baseline_equals_smart_exchange(tie):
     for rank in range(W):
         res = tie[rank]
         assert res["smart2_shadow"]["shadows"] and len(res["smart2_shadow"]["shadows"]) == 2
+        assert res["smart2_prefetch"]["prefetch"] == {"used": True, "set_match": False}
+        assert res["smart2_prefetch"]["shadows"] != res["smart2_shadow"]["shadows"]
         ref = res["sync"]
         assert ref["y"].abs().max() > 0 and ref["gw"][0].abs().max() > 0
-        for name in ("smart1", "smart2", "smart2_shadow"):
+        for name in ("smart1", "smart2", "smart2_shadow", "smart2_prefetch"):
             got = res[name]
             for key in ("y", "gx", "gp"):
                 torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-10)

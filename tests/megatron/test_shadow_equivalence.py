@@ -25,6 +25,12 @@ from tests.megatron.test_fastermoe_equivalence import BASE, BF16_TOL, FP32_TOL
 TOP_K = "moe.fastermoe.shadow.policy=top_k"
 PREDICTOR = "moe.fastermoe.shadow.policy=predictor"
 MODEL = "moe.fastermoe.shadow.policy=model"
+PF_ITER = "moe.fastermoe.shadow.prefetch=previous_iteration"  # (needs moe.impl=fastermoe)
+PF_LAYER = "moe.fastermoe.shadow.prefetch=previous_layer"
+USE_ANY = "moe.fastermoe.shadow.prefetch_slack=1e9"  # a wrong prefetched set is used
+IGNORE_WORSE = "moe.fastermoe.shadow.prefetch_slack=0"  # ... ignored when predicted slower
+SKEW = dict(hot=1, seq=32, batch=4)
+FM = "moe.impl=fastermoe"  # the stock layer of the pair is built as MoELayer all the same
 
 
 def _case(name: str, experts: int, topk: int, ep: int, *extra: str, **kw: Any) -> dict:
@@ -49,6 +55,21 @@ CASES_2 = [
     _case("model_balanced", 4, 1, 2, MODEL, balanced=True, expect_none=True),
     _case("bf16_topk2", 4, 2, 2, TOP_K, "moe.fastermoe.shadow.max_experts=2",
           "train.precision=bf16"),
+    # shadow prefetch: the prediction right, or wrong (experts permuted) and used or ignored
+    _case("prefetch_iter_right", 4, 2, 2, TOP_K, FM, PF_ITER, **SKEW, expect_shadow=1,
+          prefetch=dict(wrong=False, used=True)),
+    _case("prefetch_iter_wrong_used", 4, 2, 2, TOP_K, FM, PF_ITER, USE_ANY, **SKEW,
+          prefetch=dict(wrong=True, used=True)),
+    _case("prefetch_iter_wrong_ignored", 4, 2, 2, TOP_K, FM, PF_ITER, IGNORE_WORSE, **SKEW,
+          expect_shadow=1, prefetch=dict(wrong=True, used=False)),
+    _case("prefetch_layer_right", 4, 2, 2, TOP_K, FM, PF_LAYER, **SKEW, expect_shadow=1,
+          prefetch=dict(wrong=False, used=True)),
+    _case("prefetch_layer_model_right", 4, 2, 2, MODEL, FM, PF_LAYER,
+          "moe.fastermoe.cluster=johnny", **SKEW, prefetch=dict(wrong=False, used=True)),
+    _case("prefetch_layer_wrong_used", 4, 2, 2, TOP_K, FM, PF_LAYER, USE_ANY, **SKEW,
+          prefetch=dict(wrong=True, used=True)),
+    _case("prefetch_layer_wrong_ignored", 4, 2, 2, TOP_K, FM, PF_LAYER, IGNORE_WORSE, **SKEW,
+          expect_shadow=1, prefetch=dict(wrong=True, used=False)),
 ]
 
 CASES_4 = [
@@ -59,6 +80,9 @@ CASES_4 = [
     _case("ep4_predictor_balanced", 4, 1, 4, PREDICTOR, balanced=True, expect_none=True),
     _case("ep4_bf16_topk2", 8, 2, 4, TOP_K, "moe.fastermoe.shadow.max_experts=2",
           "train.precision=bf16", "moe.fastermoe.group_size=2"),
+    _case("ep4_prefetch_layer_wrong_used", 8, 2, 4, TOP_K, FM, PF_LAYER, USE_ANY,
+          "moe.fastermoe.group_size=2", hot=5, seq=32, batch=4,
+          prefetch=dict(wrong=True, used=True)),
 ]
 
 CASES_4_EP2 = [  # 4 processes: expert parallel 2 x expert data parallel 2
@@ -91,6 +115,29 @@ def _route(case: dict, layers, x: torch.Tensor, num_experts: int) -> None:
             tokens[idx, idx % num_experts] = 1.0
 
 
+def _prime_prefetch(case: dict, layer, x: torch.Tensor) -> None:
+    """Give the layer's predictor a prediction of the coming call that is right (its counts)
+    or deliberately wrong (expert e's load predicted on expert e - 1): previous_iteration is
+    fed those counts; previous_layer a transition matrix P (identity or the permutation) and
+    the counts of a layer 0 below, so that its prediction is counts @ P."""
+    state = layer.prefetch_state
+    with torch.no_grad():
+        layer(x)  # the first call has no prediction; it records the true counts
+        _, routing_map = layer.router(x)
+    assert layer.last_prefetch == dict(source="none", used=False, set_match=None,
+                                       hot_load_error=None, exposed_s=None), layer.last_prefetch
+    counts = layer.token_dispatcher.counts.double()
+    E = counts.shape[1]
+    perm = torch.roll(torch.arange(E), 1) if case["prefetch"]["wrong"] else torch.arange(E)
+    P = torch.eye(E, dtype=torch.float64)[perm]
+    if state.mode == "previous_iteration":
+        state.previous.observe(layer.layer_number, counts @ P)
+    else:
+        state.register(0)
+        state.transition.observe_pairs(0, P.numpy() * 10)
+        state.observe(0, counts, routing_map, layer.ep_group)
+
+
 def _compare(case: dict, pg, rank: int) -> dict[str, Any]:
     stock, faster, cfg = layer_cases.build_pair(case["overrides"], pg)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -100,6 +147,8 @@ def _compare(case: dict, pg, rank: int) -> dict[str, Any]:
     _route(case, (stock, faster), x, cfg.moe.num_experts)
     x = x.to(dtype)
     gy = torch.randn(S, B, H, generator=gen)
+    if case.get("prefetch"):
+        _prime_prefetch(case, faster, x)
     o1, gx1, g1 = layer_cases.run_layer(stock, x, gy)
     o2, gx2, g2 = layer_cases.run_layer(faster, x, gy)
     assert set(g1) == set(g2), (sorted(g1), sorted(g2))
@@ -113,6 +162,7 @@ def _compare(case: dict, pg, rank: int) -> dict[str, Any]:
         "counts": counts.tolist(),
         "shadows": list(faster.last_shadows),
         "predicted_s": faster.last_predicted_s,
+        "prefetch": faster.last_prefetch,
         # layer-level predictor on a perfectly balanced count matrix: nothing to shadow
         "balanced_matrix_shadows": (faster.select_shadows(torch.full((W, E), 1000))
                                     if faster.shadow_policy in ("predictor", "model") else None),
@@ -161,10 +211,25 @@ def _check(results: dict, cases: list[dict]) -> None:
         if case.get("expect_shadow") is not None:
             assert case["expect_shadow"] in shadows0, (
                 case["name"], shadows0, results[0][case["name"]]["counts"])
+        if case.get("prefetch"):
+            _check_prefetch(case, results)
         if case.get("expect_none"):
             counts = results[0][case["name"]]["counts"]
             assert len({v for row in counts for v in row}) == 1, counts  # really balanced
             assert shadows0 == [], (case["name"], shadows0)
+
+
+def _check_prefetch(case: dict, results: dict) -> None:
+    """The prefetched set was used or ignored as expected, the metrics say how good the
+    prediction was, and every rank decided the same."""
+    want = case["prefetch"]
+    source = "previous_layer" if PF_LAYER in case["overrides"] else "previous_iteration"
+    for rank, res in results.items():
+        pf = res[case["name"]]["prefetch"]
+        assert pf["source"] == source and pf["used"] == want["used"], (case["name"], rank, pf)
+        assert pf["set_match"] == (not want["wrong"]), (case["name"], rank, pf)
+        assert (pf["hot_load_error"] > 0.5) if want["wrong"] else pf["hot_load_error"] == 0.0, pf
+        assert pf["exposed_s"] >= 0.0, pf
 
 
 @pytest.mark.timeout(400)
@@ -206,19 +271,25 @@ def _model_weights(ckpt_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(900)
 def test_training_with_shadows_matches_stock(tmp_path):
     """EP 2 x DP 2, distributed optimizer, 2 micro-batches, 5 steps: per-step losses and the
-    final weights of moe.impl=fastermoe with a shadow every layer call equal moe.impl=megatron.
+    final weights of moe.impl=fastermoe with a shadow every layer call, prefetched from the
+    layer below's prediction (previous_layer), equal moe.impl=megatron.
     overlap_grad_reduce also checks that each expert gradient arrives exactly once per backward
     (Megatron's bucket bookkeeping would stall or assert otherwise)."""
     runs = {}
     for name, extra in (("megatron", ["moe.impl=megatron"]),
-                        ("shadow", ["moe.impl=fastermoe", TOP_K,
+                        ("shadow", ["moe.impl=fastermoe", TOP_K, PF_LAYER,
                                     "moe.fastermoe.shadow.max_experts=1"])):
         d = tmp_path / name
         torchrun([*TRAIN_ARGS, *extra, f"logging.dir={d}", f"checkpoint.save={d / 'ckpt'}"],
                  nproc=4, timeout=800)
-        losses = [r["loss"] for r in read_metrics(d / "metrics.jsonl")]
+        records = read_metrics(d / "metrics.jsonl")
+        losses = [r["loss"] for r in records]
         assert len(losses) == 5, losses
         runs[name] = (losses, _model_weights(d / "ckpt" / "iter_0000005", tmp_path))
+    for layer in ("layer_1", "layer_2"):  # prefetch metrics (previous_iteration in layer 1)
+        rec = records[-1]["moe"][layer]
+        assert 0 <= rec["prefetch_set_match"] <= 1 and 0 <= rec["prefetch_used"] <= 1, rec
+        assert rec["prefetch_hot_load_error"] >= 0 and rec["prefetch_exposed_s"] >= 0, rec
     (l1, w1), (l2, w2) = runs["megatron"], runs["shadow"]
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * abs(a), (l1, l2)
