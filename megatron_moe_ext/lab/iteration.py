@@ -19,7 +19,7 @@ c      chunk bytes under ``moe_first``: ``--grad-reduce-chunk-mb`` (train.grad_r
 One iteration on every rank (the stages of :func:`megatron_moe_ext.describe.iteration_stages`)::
 
     forward   embedding; per layer: dense part (sleep D x flops_per_token x T / P(T): attention,
-              router or dense MLP, the model's FLOPs), then the MoE exchange (lab.run._Layer:
+              router or dense MLP, the model's FLOPs), then the MoE exchange (lab.layer.LabLayer:
               sync baseline or smart_exchange, emulated experts); head (logits)
     backward  reversed; each stage's dense backward sleeps 2x its forward, then its dense
               parameters are ready; a bucket whose parameters are all ready is all-reduced
@@ -286,7 +286,7 @@ def run_iterations(cfg, layers: dict, accel: EmulatedAccelerator, stages: list[d
                    variants: list[tuple[str, str, bool]], dp_group: dist.ProcessGroup,
                    group: dist.ProcessGroup, scale: float, dil: float) -> dict:
     """Time ``variants`` [(impl, priority, floor)] for cfg.warmup + cfg.iters iterations
-    (order alternating per iteration) with ``layers[impl]`` (lab.run._Layer); returns
+    (order alternating per iteration) with ``layers[impl]`` (lab.layer.LabLayer); returns
     per-variant lists of this rank's figures."""
     rank = dist.get_rank(group)
     dtype = layers["fastermoe"].dtype
@@ -410,7 +410,7 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
     from pathlib import Path
 
     from .report import common_record, format_iteration, iteration_record
-    from .run import _Layer
+    from .layer import LabLayer
     from .setup import emulator_scale, lab_counts, lab_topology, resolve_dilation
 
     cfg.validate()
@@ -435,8 +435,8 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
     plan = bucket_plan([(s["name"], s["dense_params"]) for s in stages], bsize)
     accel = EmulatedAccelerator.for_cluster(topo, cfg.dtype, cfg.hidden, cfg.ffn, dil)
     # the sync baseline's experts lower the signal: only its all-to-alls are in flight
-    layers = {"megatron": _Layer(cfg, rank, world, topo, _MarkedExperts(accel), group),
-              "fastermoe": _Layer(cfg, rank, world, topo, accel, group)}
+    layers = {"megatron": LabLayer(cfg, rank, world, topo, _MarkedExperts(accel), group),
+              "fastermoe": LabLayer(cfg, rank, world, topo, accel, group)}
     dp_group = dist.new_group(list(range(world)))  # the dense parameters' DP group
     impls = ["megatron", "fastermoe"] if cfg.impl == "both" else [cfg.impl]
     prios = list(PRIORITIES) if cfg.comm_priority == "both" else [cfg.comm_priority]

@@ -56,7 +56,8 @@ from ..traffic.planner import (
     plan_layouts,
 )
 from .accelerator import EmulatedAccelerator
-from .run import _TORCH_DTYPES, LabConfig, _init_process_group, _Layer
+from .layer import LabLayer
+from .run import _TORCH_DTYPES, LabConfig, _init_process_group
 from .setup import default_cluster, emulator_scale, lab_counts, lab_topology, resolve_dilation
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def measure_candidate(cand: Candidate, shape: dict[str, Any], topo, dil: float,
                      dilation=check.dilation, floor=check.floor, seed=check.seed)
     view = GroupView(topo, groups, idx)
     accel = EmulatedAccelerator.for_cluster(view, shape["dtype"], H, F, dil)
-    layer = _Layer(lcfg, grank, cand.ep, view, accel, pgs[idx])
+    layer = LabLayer(lcfg, grank, cand.ep, view, accel, pgs[idx])
     fn = layer.fastermoe if cand.schedule == "smart" else layer.megatron
     row = lab_counts(cand.ep, E, T, k, 0.0, check.seed)[grank]
     n, dt = int(row.sum()), _TORCH_DTYPES[shape["dtype"]]
