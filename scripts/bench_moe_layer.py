@@ -32,7 +32,9 @@ megatron-core, emulated accelerators sleeping the cluster's GEMM time x --dilati
 the emulator's link scale), the synchronous baseline as Megatron's alltoall dispatcher and the
 product's smart_exchange / shadows; same JSON keys, plus `dilation` and `lab` (the lab's own
 overhead; --measure-floor times compute-zero passes too). Under scripts/emulate_cluster.py
---cluster defaults to the emulated cluster.
+--cluster defaults to the emulated cluster. --compute emulated --iteration --model YAML times
+whole iterations instead (L layers, the DDP gradient all-reduces with and without
+train.comm_priority; docs/lina.md, "Lab iteration mode").
 
 Starts its own processes (torch.multiprocessing spawn, gloo, the CPU runtime) or, when RANK and
 WORLD_SIZE are set, runs as one rank under torchrun. Pure expert parallelism: EP = world size.

@@ -98,7 +98,8 @@ def add_lab_arguments(p: argparse.ArgumentParser, with_shared: bool = True) -> N
     it.add_argument("--ddp-bucket-size", type=int, default=None, metavar="ELEMENTS",
                     help="DDP bucket size (default: Megatron's max(40M, 1M x W))")
     it.add_argument("--grad-reduce-chunk-mb", type=float, default=4.0, metavar="MB",
-                    help="moe_first chunk size, MiB (default: %(default)s)")
+                    help="moe_first chunk size in cluster MiB (train.grad_reduce_chunk_mb; "
+                         "x the grad scale in the lab) (default: %(default)s)")
     it.add_argument("--grad-scale", default="1",
                     help="reduce r x the real gradient elements: a number, or 'tokens' = "
                          "--tokens / the model's micro-batch tokens (default: %(default)s)")

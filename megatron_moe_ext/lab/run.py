@@ -183,6 +183,13 @@ class LabConfig:
         if self.attention and self.compute != "emulated":
             raise ValueError("--attention needs --compute emulated")
         resolve_dilation(self.dilation)
+        extra = [k for k, v in (("model", self.model), ("layers", self.layers),
+                                ("ddp_bucket_size", self.ddp_bucket_size)) if v is not None]
+        extra += [k for k, v, d in (("comm_priority", self.comm_priority, "both"),
+                                    ("grad_reduce_chunk_mb", self.grad_reduce_chunk_mb, 4.0),
+                                    ("grad_scale", self.grad_scale, "1")) if v != d]
+        if extra and not self.iteration:
+            raise ValueError(f"--{extra[0].replace('_', '-')} needs --iteration")
         if self.iteration:
             if self.compute != "emulated":
                 raise ValueError("--iteration needs --compute emulated")

@@ -76,6 +76,8 @@ def test_iteration_needs_emulated_compute_and_a_model():
         LabConfig(cluster=CLUSTER, iteration=True, model="x.yaml", compute="real").validate()
     with pytest.raises(ValueError, match="needs --model"):
         LabConfig(cluster=CLUSTER, iteration=True).validate()
+    with pytest.raises(ValueError, match="--layers needs --iteration"):
+        LabConfig(cluster=CLUSTER, layers=2).validate()
     with pytest.raises(ValueError, match="--grad-scale"):
         LabConfig(cluster=CLUSTER, iteration=True, model="x.yaml", grad_scale="0").validate()
 
