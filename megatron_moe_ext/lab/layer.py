@@ -9,7 +9,7 @@ F ffn hidden size, W workers, g group size.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from ..core.shadow import PendingBroadcast, start_broadcast
 from .accelerator import SleepStats, sleep_until
 from .baseline import sync_exchange
 from .setup import predict, select_shadows
+
+if TYPE_CHECKING:
+    from .run import LabConfig
 
 __all__ = ["TORCH_DTYPES", "RealExperts", "LabLayer"]
 
