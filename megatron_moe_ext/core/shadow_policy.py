@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 SHADOW_POLICIES = ("never", "predictor", "model", "top_k")
 """Accepted values of ``moe.fastermoe.shadow.policy``."""
 
-__all__ = ["SHADOW_POLICIES", "as_counts", "expert_loads", "lat_imbl", "lat_with_shadows",
+__all__ = ["SHADOW_POLICIES", "pick_shadows", "as_counts", "expert_loads", "lat_imbl", "lat_with_shadows",
            "choose_shadows",
            "choose_shadows_by_cost", "top_k_shadows", "shadow_mask"]
 
@@ -182,3 +182,29 @@ def top_k_shadows(counts: Any, k: int) -> list[int]:
     load are never picked (shadowing one would cost a broadcast and a reduce for nothing)."""
     loads = expert_loads(counts)
     return [e for e in _by_load(loads)[: max(0, int(k))] if loads[e] > 0]
+
+
+def pick_shadows(policy: str, counts: Any, max_experts: int,
+                 cost: Optional[Callable[[list[int]], float]] = None,
+                 algorithm1: Optional[Callable[[np.ndarray], Any]] = None) -> list[int]:
+    """The one rule that maps ``moe.fastermoe.shadow.policy`` to a shadow set ([W, E] counts).
+
+    ``never`` (or W < 2): none; ``top_k``: the ``max_experts`` most loaded experts;
+    ``model``: :func:`choose_shadows_by_cost` over ``cost`` (the caller's predicted layer time
+    of a shadow set); ``predictor``: ``algorithm1(counts)`` (:func:`choose_shadows` with the
+    caller's cluster numbers). The FasterMoE layer and the scale lab both choose through it.
+    """
+    if policy not in SHADOW_POLICIES:
+        raise ValueError(f"shadow policy {policy!r} is not one of {', '.join(SHADOW_POLICIES)}")
+    c = as_counts(counts)
+    if policy == "never" or c.shape[0] < 2:
+        return []
+    if policy == "top_k":
+        return [int(e) for e in top_k_shadows(c, max_experts)]
+    if policy == "model":
+        if cost is None:
+            raise ValueError("shadow policy 'model' needs a cost function")
+        return [int(e) for e in choose_shadows_by_cost(c, cost)]
+    if algorithm1 is None:
+        raise ValueError("shadow policy 'predictor' needs Algorithm 1's cluster numbers")
+    return [int(e) for e in algorithm1(c)]

@@ -17,12 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..core.gate import cap_offnode, offnode_fraction, offnode_limit
-from ..core.shadow_policy import (
-    SHADOW_POLICIES,
-    choose_shadows,
-    choose_shadows_by_cost,
-    top_k_shadows,
-)
+from ..core.shadow_policy import choose_shadows, pick_shadows
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
 from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
 from ..routing import zipf_expert_counts
@@ -31,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EMULATION_CLUSTER_ENV", "EMULATION_CLUSTER_FILE_ENV", "EMULATION_SCALE_ENV",
-    "SHADOW_POLICIES", "emulator_scale",
+    "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
     "gate_fraction", "score_counts",
     "predict", "layer_transition", "route_above",
@@ -193,30 +188,27 @@ def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype
 def select_shadows(policy: str, counts: np.ndarray, topology: Topology, hidden: int, ffn: int,
                    dtype: str, group_size: int, max_experts: int = 1,
                    cost: Optional[Callable[[list[int]], float]] = None) -> list[int]:
-    """Experts to shadow, by the rules of FasterMoELayer.select_shadows (same policies).
+    """Experts to shadow through ``core.shadow_policy.pick_shadows``, the rule the FasterMoE
+    layer uses, with this topology's numbers.
 
     ``predictor``: Algorithm 1 with the cluster's P and W_net; ``model``: the greedy over the
     full model's predicted smart-schedule layer time (``cost`` overrides it); ``top_k``: the
     ``max_experts`` most loaded experts.
     """
-    if policy not in SHADOW_POLICIES:
-        raise ValueError(f"shadow policy {policy!r} is not one of {', '.join(SHADOW_POLICIES)}")
     c = np.asarray(counts, dtype=float)
     w = c.shape[0]
-    if policy == "never" or w < 2:
-        return []
-    if policy == "top_k":
-        return [int(e) for e in top_k_shadows(c, max_experts)]
-    if policy == "model":
-        def model_cost(s: list[int]) -> float:
-            return predict(c, topology, hidden, ffn, dtype, "smart", group_size, s).total_s
 
-        return [int(e) for e in choose_shadows_by_cost(c, cost or model_cost)]
-    p = topology.gemm_throughput(dtype)
-    p = float(p(np.asarray(c.sum() / w))) if callable(p) else float(p)
-    return [int(e) for e in choose_shadows(c, c.shape[1] // w, H=hidden, alpha=ffn / hidden,
-                                           dtype_bytes=DTYPE_BYTES[dtype], gemm_flops=p,
-                                           net_bandwidth=topology.net_bandwidth())]
+    def model_cost(s: list[int]) -> float:
+        return predict(c, topology, hidden, ffn, dtype, "smart", group_size, s).total_s
+
+    def algorithm1(c: np.ndarray) -> list[int]:
+        p = topology.gemm_throughput(dtype)
+        p = float(p(np.asarray(c.sum() / w))) if callable(p) else float(p)
+        return choose_shadows(c, c.shape[1] // w, H=hidden, alpha=ffn / hidden,
+                              dtype_bytes=DTYPE_BYTES[dtype], gemm_flops=p,
+                              net_bandwidth=topology.net_bandwidth())
+
+    return pick_shadows(policy, c, max_experts, cost=cost or model_cost, algorithm1=algorithm1)
 
 
 def layer_transition(num_experts: int, seed: int) -> np.ndarray:

@@ -48,12 +48,7 @@ from megatron_moe_ext.core.plan import validate_group_size
 from megatron_moe_ext.core.popularity import PREDICTORS, prediction_metrics
 from megatron_moe_ext.core.prefetch import DEFAULT_SLACK, PopularityState, use_prefetched
 from megatron_moe_ext.core.shadow import PendingBroadcast, start_broadcast
-from megatron_moe_ext.core.shadow_policy import (
-    SHADOW_POLICIES,
-    choose_shadows,
-    choose_shadows_by_cost,
-    top_k_shadows,
-)
+from megatron_moe_ext.core.shadow_policy import SHADOW_POLICIES, choose_shadows, pick_shadows
 from megatron_moe_ext.core.trace import Tracer
 from megatron_moe_ext.megatron.expert_layouts import expert_layout
 from megatron_moe_ext.perf.model import LayerPrediction, predict_layer
@@ -263,25 +258,19 @@ class FasterMoELayer(MoELayer):
         ``never`` and ``top_k`` run no model; ``predictor`` and ``model`` remember their
         choice (and ``model`` every prediction it made) per count matrix.
         """
-        W = counts.shape[0]
-        if self.shadow_policy == "never" or W < 2:
-            return []
-        if self.shadow_policy == "top_k":
-            return [int(e) for e in top_k_shadows(counts, self.options.shadow_max_experts)]
+        if self.shadow_policy in ("never", "top_k") or counts.shape[0] < 2:
+            return pick_shadows(self.shadow_policy, counts, self.options.shadow_max_experts)
         key = _counts_key(counts)
         if key in self._chosen:
             self._chosen.move_to_end(key)
             return list(self._chosen[key])
-        if self.shadow_policy == "model":
-            chosen = choose_shadows_by_cost(
-                counts, lambda shadows: self._predict(counts, shadows, key).total_s)
-        else:
-            c = counts.numpy().astype(np.float64)
-            chosen = [int(e) for e in choose_shadows(
+        chosen = pick_shadows(
+            self.shadow_policy, counts, self.options.shadow_max_experts,
+            cost=lambda shadows: self._predict(counts, shadows, key).total_s,
+            algorithm1=lambda c: choose_shadows(
                 c, self.num_local_experts, H=self._H, alpha=self._alpha,
                 dtype_bytes=self._dtype_bytes, gemm_flops=self._gemm_flops(c),
-                net_bandwidth=self._net_bandwidth,
-            )]
+                net_bandwidth=self._net_bandwidth))
         _remember(self._chosen, key, list(chosen))
         return chosen
 

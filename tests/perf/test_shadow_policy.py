@@ -199,3 +199,18 @@ def test_top_k_never_picks_zero_load_experts() -> None:
 
 def test_policy_names() -> None:
     assert sp.SHADOW_POLICIES == ("never", "predictor", "model", "top_k")
+
+
+def test_pick_shadows_is_the_one_policy_dispatch():
+    """never / W < 2: nothing; top_k: the hottest; model: the cost greedy; predictor: the given
+    Algorithm 1; unknown names and missing inputs are errors."""
+    from megatron_moe_ext.core.shadow_policy import pick_shadows
+
+    c = np.array([[6.0, 1.0, 1.0, 0.0], [5.0, 2.0, 1.0, 0.0]])
+    assert pick_shadows("never", c, 2) == [] and pick_shadows("top_k", c[:1], 2) == []
+    assert pick_shadows("top_k", c, 2) == [0, 1]
+    assert pick_shadows("model", c, 1, cost=lambda s: 10.0 - len(s) if len(s) < 2 else 9.5) == [0]
+    assert pick_shadows("predictor", c, 1, algorithm1=lambda m: [2]) == [2]
+    for bad, kw in (("sometimes", {}), ("model", {}), ("predictor", {})):
+        with pytest.raises(ValueError):
+            pick_shadows(bad, c, 1, **kw)
