@@ -42,7 +42,6 @@ import gc
 import logging
 import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -50,6 +49,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..bench.stats import median
 from ..core.comm_priority import CommPriorityScheduler, all_reduce_chunks, exchange_signal
 from .accelerator import EmulatedAccelerator, sleep_until
 
@@ -277,10 +277,6 @@ def reducer_chunk_bytes(cfg, scale: float) -> int:
     return max(1, int(cfg.grad_reduce_chunk_mb * 2 ** 20 * scale))
 
 
-def _median(xs):
-    return float(statistics.median(xs)) if xs else None
-
-
 def run_iterations(cfg, layers: dict, accel: EmulatedAccelerator, stages: list[dict],
                    plan: list[Bucket], counts_fn: Callable[[int, int], object],
                    variants: list[tuple[str, str, bool]], dp_group: dist.ProcessGroup,
@@ -387,7 +383,7 @@ def summarize_iterations(local: dict, group: dist.ProcessGroup) -> dict:
         vals = (mx if k in by_max else mean)[off:off + cnt].tolist()
         off += cnt
         r = res.setdefault(name, {})
-        r[k] = _median(vals)
+        r[k] = median(vals)
         if k == "iteration_s":
             r["iteration_s_iters"] = vals
     for name, r in res.items():
@@ -406,10 +402,8 @@ def _grad_scale(value: str, tokens: int, model_cfg) -> tuple[float, float]:
 
 def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
     """The iteration mode over ``group`` (all its ranks call this); rank 0 returns the record."""
-    import json
-    from pathlib import Path
 
-    from .report import common_record, format_iteration, iteration_record
+    from .report import common_record, format_iteration, iteration_record, write_record
     from .layer import LabLayer
     from .setup import emulator_scale, lab_counts, lab_topology, resolve_dilation
 
@@ -472,10 +466,7 @@ def bench_iteration(cfg, group: dist.ProcessGroup) -> Optional[dict]:
         result["mode"] = "iteration"
         result["iteration"] = iteration_record(cfg, summ, stages, plan, bsize, r, token_scale,
                                                dil, reducer_chunk_bytes(cfg, r))
-        if cfg.json:
-            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.json).write_text(json.dumps(result, indent=1))
-            logger.info("wrote %s", cfg.json)
+        write_record(cfg.json, result)
         print(format_iteration(result), flush=True)
     dist.barrier(group=group)
     return result

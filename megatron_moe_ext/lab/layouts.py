@@ -57,7 +57,9 @@ from ..traffic.planner import (
 )
 from .accelerator import EmulatedAccelerator
 from .layer import LabLayer
-from .run import _TORCH_DTYPES, LabConfig, _init_process_group
+from .layer import TORCH_DTYPES
+from .report import write_record
+from .run import LabConfig, _init_process_group
 from .setup import default_cluster, emulator_scale, lab_counts, lab_topology, resolve_dilation
 
 logger = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def measure_candidate(cand: Candidate, shape: dict[str, Any], topo, dil: float,
     layer = LabLayer(lcfg, grank, cand.ep, view, accel, pgs[idx])
     fn = layer.fastermoe if cand.schedule == "smart" else layer.megatron
     row = lab_counts(cand.ep, E, T, k, 0.0, check.seed)[grank]
-    n, dt = int(row.sum()), _TORCH_DTYPES[shape["dtype"]]
+    n, dt = int(row.sum()), TORCH_DTYPES[shape["dtype"]]
     gen = torch.Generator().manual_seed(check.seed * 1000 + rank)
     x0, p0 = torch.randn(n, H, generator=gen).to(dt), torch.rand(n, generator=gen).to(dt)
     gy = torch.randn(n, H, generator=gen).to(dt)
@@ -290,9 +292,7 @@ def check_worker(check: LayoutCheck) -> Optional[dict[str, Any]]:
             return None
         res = summarize(check, rows, shape, topo, dil, dil_source, (load_start,
                                                                     os.getloadavg()[0]))
-        if check.json:
-            Path(check.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(check.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_record(check.json, res)
         text = format_markdown(res)
         if check.markdown:
             Path(check.markdown).parent.mkdir(parents=True, exist_ok=True)

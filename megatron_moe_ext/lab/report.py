@@ -8,21 +8,32 @@ timed iterations of the max over ranks.
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import math
 import os
 import platform
-import statistics
 from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
 
 import torch
 
+from ..bench.stats import median
 from .setup import emulator_scale
 
-__all__ = ["summarize", "format_table", "common_record", "format_iteration"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["summarize", "format_table", "common_record", "format_iteration", "write_record"]
 
 
-def _median(xs):
-    return float(statistics.median(xs)) if xs else None
+def write_record(path: Optional[str], record: dict) -> None:
+    """Write a lab run's JSON document to ``path`` (parents created); nothing when None."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    logger.info("wrote %s", path)
 
 
 def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_sets,
@@ -33,14 +44,14 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
     for name in sorted({k.split(".")[0] for k in mx}):
         fwd, bwd = mx[f"{name}.fwd"], mx[f"{name}.bwd"]
         tot = [a + b for a, b in zip(fwd, bwd)]
-        pred = _median(preds.get(name, []))
+        pred = median(preds.get(name, []))
         res["impls"][name] = {
-            "fwd_s": _median(fwd), "bwd_s": _median(bwd), "fwd_bwd_s": _median(tot),
+            "fwd_s": median(fwd), "bwd_s": median(bwd), "fwd_bwd_s": median(tot),
             "fwd_bwd_s_min": min(tot), "fwd_bwd_s_max": max(tot),
-            "cluster_fwd_bwd_s": _median(tot) * scale if scale else None,
+            "cluster_fwd_bwd_s": median(tot) * scale if scale else None,
             "predicted_fwd_bwd_s": pred,
             "predicted_lab_fwd_bwd_s": pred * dil if pred is not None else None,
-            "measured_over_predicted": (_median(tot) * scale / pred
+            "measured_over_predicted": (median(tot) * scale / pred
                                         if scale and pred else None),
             "fwd_s_iters": fwd, "bwd_s_iters": bwd}
     if "megatron_balanced" in res["impls"]:
@@ -61,7 +72,7 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
             res[f"ratio_{key}"] = m[f"{key}_s"] / f[f"{key}_s"]
         mt = [a + b for a, b in zip(m["fwd_s_iters"], m["bwd_s_iters"])]
         ft = [a + b for a, b in zip(f["fwd_s_iters"], f["bwd_s_iters"])]
-        res["ratio_fwd_bwd_paired"] = _median([a / b for a, b in zip(mt, ft)])
+        res["ratio_fwd_bwd_paired"] = median([a / b for a, b in zip(mt, ft)])
         res["ratio_fwd_bwd_min"] = m["fwd_bwd_s_min"] / f["fwd_bwd_s_min"]
         if m["predicted_fwd_bwd_s"] and f["predicted_fwd_bwd_s"]:
             res["predicted_ratio_fwd_bwd"] = m["predicted_fwd_bwd_s"] / f["predicted_fwd_bwd_s"]
@@ -70,7 +81,7 @@ def summarize(cfg, topo, world, local_world, dil, dil_source, mx, preds, shadow_
         res["balance_bound"] = imp["megatron"]["fwd_bwd_s"] / res["megatron_balanced"]["fwd_bwd_s"]
         if "ratio_fwd_bwd" in res:
             res["bound_fraction"] = res["ratio_fwd_bwd"] / res["balance_bound"]
-    a, c_fwd = _median(a2a), _median(comp)
+    a, c_fwd = median(a2a), median(comp)
     lat_comm, lat_comp = 4 * a, 3 * c_fwd
     bound = (lat_comm + lat_comp) / max(lat_comm, lat_comp) if max(lat_comm, lat_comp) > 0 else 1.0
     achieved = res.get("ratio_fwd_bwd")

@@ -26,26 +26,24 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..bench.stats import median
 from ..core.plan import build_plan
 from ..core.popularity import PREDICTORS
 from ..core.prefetch import DEFAULT_SLACK, PopularityState
 from .accelerator import EmulatedAccelerator
 from .layer import TORCH_DTYPES as _TORCH_DTYPES
 from .layer import LabLayer, RealExperts
-from .report import format_table, summarize
+from .report import format_table, summarize, write_record
 from .setup import (
     emulator_scale,
     lab_counts,
@@ -215,10 +213,6 @@ class LabConfig:
                 if not ok:
                     raise ValueError(f"--grad-scale {self.grad_scale!r}: expected 'tokens' "
                                      "or a number > 0")
-
-
-def _median(xs):
-    return float(statistics.median(xs)) if xs else None
 
 
 def _init_process_group() -> tuple[int, int]:
@@ -407,7 +401,7 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                              (load_start, load_end))
         for name, rec in results["impls"].items():
             if f"{name}.exposed" in mx:
-                rec["exposed_broadcast_s"] = _median(mx[f"{name}.exposed"])
+                rec["exposed_broadcast_s"] = median(mx[f"{name}.exposed"])
         if prefetch_recs:
             n = len(prefetch_recs)
             results["prefetch"] = {
@@ -416,10 +410,7 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                 "set_match": sum(r["set_match"] for r in prefetch_recs) / n}
         if cfg.record:
             results["records"] = rec_all
-        if cfg.json:
-            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.json).write_text(json.dumps(results, indent=1))
-            logger.info("wrote %s", cfg.json)
+        write_record(cfg.json, results)
         print(format_table(results), flush=True)
     dist.barrier(group=group)
     return results
