@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .trace import Tracer
 
-__all__ = ["P2PBatch", "P2PComm", "gather_counts", "tag"]
+__all__ = ["P2PBatch", "P2PComm", "gather_counts", "tag", "SHADOW_TAG_BASE"]
 
 
 def gather_counts(local_counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -37,8 +37,17 @@ _KINDS_PER_STEP = 8
 _MAX_STEPS = 1 << 16
 
 
+SHADOW_TAG_BASE = 1 << 28
+"""The shadow trees' tags (:mod:`.shadow`) start here; every exchange tag is below it, so the
+two never match each other's messages on tagged backends (gloo)."""
+
+
 def tag(step: int, kind: int, part: int = 0) -> int:
-    return (part * _MAX_STEPS + step) * _KINDS_PER_STEP + kind
+    """The exchange tag of a message (module docstring); below :data:`SHADOW_TAG_BASE`."""
+    t = (part * _MAX_STEPS + step) * _KINDS_PER_STEP + kind
+    if not (0 <= kind < _KINDS_PER_STEP and 0 <= step < _MAX_STEPS and t < SHADOW_TAG_BASE):
+        raise ValueError(f"exchange tag out of range: step {step}, kind {kind}, part {part}")
+    return t
 
 
 # --------------------------------------------------------------------------- communication

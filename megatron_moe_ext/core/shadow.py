@@ -3,7 +3,10 @@
 A shadowed expert is replicated for one layer invocation: its owner broadcasts the expert's
 parameters over the expert-parallel group, every worker computes its *own* tokens for that
 expert locally, and in backward the replicas' parameter gradients are summed back to the
-owner. The owner's parameters are never written to; the summed gradient reaches them through
+owner. Broadcast and reduce are binomial trees of tagged point-to-point messages
+(:mod:`.tree`), the same plan the performance model prices (``perf.model.shadow_comm_times``);
+gloo's own broadcast sends the whole payload from the root to every worker, W - 1 times over
+the root's link. The owner's parameters are never written to; the summed gradient reaches them through
 ordinary autograd accumulation, exactly once per backward, so data-parallel gradient hooks,
 ``main_grad`` buffers and optimizers see it like any other gradient.
 
@@ -33,6 +36,7 @@ collective) runs on every worker, owner or not, whenever a backward passes throu
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -40,6 +44,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+
+from .comm import SHADOW_TAG_BASE
+from .tree import broadcast_steps, reduce_steps
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +90,89 @@ class _ShadowBroadcast(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Optional[torch.Tensor]):
         plan: _BroadcastPlan = ctx.plan
-        bufs, works = [], []
+        bufs = []
         for item, g in zip(plan.items, grads):
             dtype = plan.reduce_dtype or item.dtype
             if g is None:
                 buf = torch.zeros(item.shape, dtype=dtype, device=plan.device)
             else:
                 buf = g.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-            dst = plan.global_ranks[item.owner]
-            works.append(dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM, group=plan.group,
-                                     async_op=True))
             bufs.append(buf)
-        for w in works:
-            w.wait()
+        _run_trees(plan, [(it.owner, buf) for it, buf in zip(plan.items, bufs)], reduce=True)
         owned_grads = [buf.to(item.dtype) for item, buf in zip(plan.items, bufs)
                        if item.owner == plan.rank]
         needs = ctx.needs_input_grad[2:]
         owned_grads = [g if need else None for g, need in zip(owned_grads, needs)]
         ctx.plan = None
         return (None, None, *owned_grads)
+
+
+def _run_trees(plan: _BroadcastPlan, trees: Sequence[tuple[int, torch.Tensor]],
+               reduce: bool) -> None:
+    """Run the binomial trees (:mod:`.tree`) of ``trees`` [(root, buffer)] in lockstep: step
+    s of every tree, then a wait, then step s + 1. Broadcast: the root's buffer reaches every
+    rank. Reduce: every rank's buffer is summed into the root's (others' are clobbered)."""
+    world = len(plan.global_ranks)
+    if world == 1 or not trees:
+        return
+    step_lists = [(reduce_steps if reduce else broadcast_steps)(root, world) for root, _ in trees]
+    for s in range(len(step_lists[0])):
+        ops, adds = [], []
+        for t, ((_, buf), steps) in enumerate(zip(trees, step_lists)):
+            tg = _tag(t, s)
+            for src, dst in steps[s]:
+                if src == plan.rank:
+                    ops.append(dist.P2POp(dist.isend, buf, plan.global_ranks[dst], plan.group, tg))
+                elif dst == plan.rank:
+                    into = torch.empty_like(buf) if reduce else buf
+                    ops.append(dist.P2POp(dist.irecv, into, plan.global_ranks[src], plan.group,
+                                          tg))
+                    if reduce:
+                        adds.append((buf, into))
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        for buf, part in adds:
+            buf.add_(part)
+
+
+def _tag(tree: int, step: int) -> int:
+    """Tag of tree ``tree``'s messages at step ``step`` (at most 64 steps: W < 2^64)."""
+    return SHADOW_TAG_BASE + tree * 64 + step
+
+
+class _TreeRun:
+    """The broadcast trees of one :class:`PendingBroadcast`, running.
+
+    On gloo a background thread drives the steps (each step waits for the one before, and a
+    host thread waiting on gloo is what lets the caller compute meanwhile); it issues only
+    tagged point-to-point messages, which gloo matches by tag whatever thread posts them. On
+    other backends (NCCL) the steps are issued at once from the caller: their waits are
+    stream waits, and one communicator runs its operations in issue order.
+    """
+
+    def __init__(self, plan: _BroadcastPlan, trees: list[tuple[int, torch.Tensor]]) -> None:
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        if dist.get_backend(plan.group) == "gloo":
+            self._thread = threading.Thread(target=self._run, args=(plan, trees),
+                                            name="shadow-broadcast", daemon=True)
+            self._thread.start()
+        else:
+            _run_trees(plan, trees, reduce=False)
+
+    def _run(self, plan: _BroadcastPlan, trees: list[tuple[int, torch.Tensor]]) -> None:
+        try:
+            _run_trees(plan, trees, reduce=False)
+        except BaseException as exc:  # re-raised by wait() in the caller's thread
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise RuntimeError("shadow expert broadcast failed") from self._error
 
 
 class PendingBroadcast:
@@ -113,10 +184,11 @@ class PendingBroadcast:
     compute, through ``Shadows.ready``).
     """
 
-    def __init__(self, plan: _BroadcastPlan, bufs: list[torch.Tensor], works: list[Any],
+    def __init__(self, plan: _BroadcastPlan, bufs: list[torch.Tensor], run: _TreeRun,
                  owned: list[torch.Tensor]) -> None:
         self.plan, self.bufs = plan, bufs
-        self._works, self._owned = works, owned
+        self._run: Optional[_TreeRun] = run
+        self._owned = owned
         self._linked = False
         self.waited_s = 0.0
         """Seconds :meth:`wait` blocked the host (on CUDA: until the wait was enqueued)."""
@@ -124,17 +196,16 @@ class PendingBroadcast:
     @property
     def done(self) -> bool:
         """True once :meth:`wait` returned."""
-        return not self._works
+        return self._run is None
 
     def wait(self) -> float:
         """Block until every broadcast completed; returns the seconds blocked by this call
         (0 once done). Idempotent."""
-        if not self._works:
+        if self._run is None:
             return 0.0
         t0 = time.perf_counter()
-        for w in self._works:
-            w.wait()
-        self._works = []
+        run, self._run = self._run, None
+        run.wait()
         dt = time.perf_counter() - t0
         self.waited_s += dt
         return dt
@@ -159,11 +230,12 @@ def start_broadcast(
     group: dist.ProcessGroup,
     reduce_dtype: Optional[torch.dtype] = None,
 ) -> PendingBroadcast:
-    """Issue the async broadcasts of :func:`broadcast_from_owners` and return at once.
+    """Start the broadcast trees of :func:`broadcast_from_owners` and return at once.
 
     Same arguments and rules. The owners' tensors are copied now (read only), so the result
-    is the parameters' values at issue time. One broadcast per owner (and dtype) carries all
-    of that owner's items, flattened (the replicas are views into it).
+    is the parameters' values at issue time. One tree per owner (and dtype) carries all of
+    that owner's items, flattened (the replicas are views into it); the trees of all owners
+    run in lockstep, step by step (on gloo in a background thread, see ``_TreeRun``).
     """
     if group is None:
         raise ValueError("broadcast_from_owners needs an explicit process group")
@@ -189,9 +261,9 @@ def start_broadcast(
         global_ranks=tuple(dist.get_global_rank(group, r) for r in range(world)),
         group=group, device=device, reduce_dtype=reduce_dtype,
     )
-    # one broadcast per (owner, dtype): the items' flat concatenation; the replicas are views
+    # one tree per (owner, dtype): the items' flat concatenation; the replicas are views
     bufs: list[Optional[torch.Tensor]] = [None] * len(items)
-    works = []
+    trees: list[tuple[int, torch.Tensor]] = []
     mine = dict(zip([i for i, it in enumerate(items) if it.owner == rank], owned))
     keys = list(dict.fromkeys((it.owner, it.dtype) for it in items))
     for owner, dtype in keys:
@@ -201,13 +273,12 @@ def start_broadcast(
             flat = torch.cat([mine[i].detach().reshape(-1) for i in idx])  # a copy
         else:
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)
-        works.append(dist.broadcast(flat, src=plan.global_ranks[owner], group=group,
-                                    async_op=True))
+        trees.append((owner, flat))
         for i, part in zip(idx, flat.split(sizes)):
             bufs[i] = part.view(items[i].shape)
     logger.debug("rank %d start_broadcast: %d tensors, owners %s", rank, len(items),
                  sorted(set(owners)))
-    return PendingBroadcast(plan, bufs, works, owned)
+    return PendingBroadcast(plan, bufs, _TreeRun(plan, trees), owned)
 
 
 def broadcast_from_owners(

@@ -29,6 +29,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from ..core.plan import step_matrix, validate_group_size
+from ..core.tree import broadcast_steps, reduce_steps
 from .topology import GemmThroughput, Topology
 
 logger = logging.getLogger(__name__)
@@ -130,39 +131,35 @@ def ring_allreduce_time(size_bytes: float, workers: Sequence[int], topology: Top
     return 2.0 * (n - 1) / n * size_bytes * topology.transfer_time(pairs)
 
 
-def _tree_links(root: int, workers: Sequence[int], topology: Topology,
-                reverse: bool) -> np.ndarray:
-    """0/1 per link: union of paths root -> w (or w -> root when ``reverse``)."""
-    used = np.zeros(len(topology.links))
-    for w in workers:
-        path = topology.path(w, root) if reverse else topology.path(root, w)
-        for ln in path:
-            used[ln.index] = 1.0
-    return used
+TreeSteps = tuple[tuple[tuple[int, int], ...], ...]
+"""A tree of :mod:`megatron_moe_ext.core.tree`: per step, its (src, dst) messages."""
 
 
-def broadcast_link_loads(size_bytes: float, root: int, workers: Sequence[int],
-                         topology: Topology) -> np.ndarray:
-    """Bytes per link of a pipelined broadcast from ``root``: S on every link of its tree."""
-    return size_bytes * _tree_links(root, workers, topology, reverse=False)
+def tree_time(trees: Sequence[tuple[TreeSteps, float]], topology: Topology) -> float:
+    """Trees run in lockstep, tree k carrying S_k bytes per message (``trees`` [(steps, S_k)]):
+    the sum over steps of moving that step's messages of all trees at once."""
+    if not trees:
+        return 0.0
+    n = topology.num_workers
+    total = 0.0
+    for s in range(len(trees[0][0])):
+        step = np.zeros((n, n))
+        for steps, size in trees:
+            for src, dst in steps[s]:
+                step[src, dst] += size
+        total += topology.transfer_time(step)
+    return total
 
 
-def reduce_link_loads(size_bytes: float, root: int, workers: Sequence[int],
-                      topology: Topology) -> np.ndarray:
-    """Bytes per link of a pipelined reduce to ``root``: S on every link of the reverse tree."""
-    return size_bytes * _tree_links(root, workers, topology, reverse=True)
+def broadcast_time(size_bytes: float, root: int, topology: Topology) -> float:
+    """Broadcast of S bytes from ``root`` to all workers over the shadow trees' binomial
+    tree (:func:`megatron_moe_ext.core.tree.broadcast_steps`, what ``core.shadow`` runs)."""
+    return tree_time([(broadcast_steps(root, topology.num_workers), size_bytes)], topology)
 
 
-def broadcast_time(size_bytes: float, root: int, workers: Sequence[int],
-                   topology: Topology) -> float:
-    """Broadcast of S bytes: max over links of its tree of S / W_l."""
-    return topology.max_link_time(broadcast_link_loads(size_bytes, root, workers, topology))
-
-
-def reduce_time(size_bytes: float, root: int, workers: Sequence[int],
-                topology: Topology) -> float:
-    """Reduce of S bytes to ``root``: max over links of the reverse tree of S / W_l."""
-    return topology.max_link_time(reduce_link_loads(size_bytes, root, workers, topology))
+def reduce_time(size_bytes: float, root: int, topology: Topology) -> float:
+    """Reduce-sum of S bytes to ``root`` over the reversed tree (``core.tree.reduce_steps``)."""
+    return tree_time([(reduce_steps(root, topology.num_workers), size_bytes)], topology)
 
 
 # --------------------------------------------------------------------------------------
@@ -308,17 +305,19 @@ def shadow_comm_time_simple(num_shadows: int, H: int, alpha: float, dtype_bytes:
 
 def shadow_comm_times(shadow_experts: Sequence[int], placement: np.ndarray, H: int,
                       alpha: float, dtype_bytes: int, topology: Topology) -> tuple[float, float]:
-    """Topology-aware (broadcast, reduce) times: every shadowed expert is broadcast from its
-    owner to all workers and its gradient reduced back; concurrent trees add up per link."""
+    """(broadcast, reduce) times of the shadowed experts, as ``core.shadow`` runs them: one
+    binomial tree per owner (carrying all of that owner's shadowed experts), every owner's
+    tree in lockstep (:func:`tree_time`)."""
     size = expert_param_bytes(H, alpha, dtype_bytes)
-    workers = range(topology.num_workers)
-    bcast = np.zeros(len(topology.links))
-    red = np.zeros(len(topology.links))
+    n = topology.num_workers
+    per_owner: dict[int, int] = {}
     for e in shadow_experts:
         owner = int(np.asarray(placement)[e])
-        bcast += broadcast_link_loads(size, owner, workers, topology)
-        red += reduce_link_loads(size, owner, workers, topology)
-    return topology.max_link_time(bcast), topology.max_link_time(red)
+        per_owner[owner] = per_owner.get(owner, 0) + 1
+    bcast = tree_time([(broadcast_steps(o, n), k * size) for o, k in per_owner.items()],
+                      topology)
+    red = tree_time([(reduce_steps(o, n), k * size) for o, k in per_owner.items()], topology)
+    return bcast, red
 
 
 # --------------------------------------------------------------------------------------

@@ -113,10 +113,12 @@ def _worker(rank: int, world: int) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_broadcast_reduce_autograd_gloo() -> None:
+@pytest.mark.parametrize("world", [3, 4])
+def test_broadcast_reduce_autograd_gloo(world: int) -> None:
     """Replicas equal the owner's tensors; grads of all ranks sum into the owner exactly once
-    per backward (and accumulate over micro-batches); non-owners get none; bf16 too."""
-    spawn(_worker, 3)
+    per backward (and accumulate over micro-batches); non-owners get none; bf16 too. The trees
+    (core.tree) map positions to ranks by rotation for W = 3 and by XOR for W = 4."""
+    spawn(_worker, world)
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -98,11 +98,11 @@ def test_collectives_on_ring_and_star() -> None:
     assert pm.ring_allreduce_time(size, [0, 1, 2, 3], ring()) == pytest.approx(1.5 * size / BW)
     assert pm.ring_allreduce_time(size, [0, 1], ring()) == pytest.approx(size / BW)
     assert pm.ring_allreduce_time(size, [2], ring()) == 0.0
-    # broadcast / reduce: S on every link of the tree
-    assert pm.broadcast_time(size, 0, range(4), star()) == pytest.approx(size / BW)
-    assert pm.reduce_time(size, 0, range(4), star()) == pytest.approx(size / BW)
-    loads = pm.broadcast_link_loads(size, 0, range(4), ring())
-    assert loads.sum() == pytest.approx(3 * size)  # three links of the ring tree
+    # broadcast / reduce: the binomial tree's two steps (0->2; 0->1 with 2->3), S per link each
+    assert pm.broadcast_time(size, 0, star()) == pytest.approx(2 * size / BW)
+    assert pm.reduce_time(size, 0, star()) == pytest.approx(2 * size / BW)
+    assert pm.broadcast_time(size, 0, ring()) == pytest.approx(2 * size / BW)  # 0->2: 2 hops
+    assert pm.broadcast_time(size, 0, star(n=1)) == 0.0
 
 
 def test_two_stream_closed_form() -> None:
@@ -188,12 +188,16 @@ def test_shadowed_loads_and_comm() -> None:
     assert pm.shadowed_loads(counts, placement, 2, [0]).tolist() == [30, 70]
     # paper form: 2r * 2 alpha H^2 * b / W_net
     assert pm.shadow_comm_time_simple(1, 1000, 2.0, 4, 1e9) == pytest.approx(0.032)
-    # star: the tree of one broadcast loads each link once; two owners add up on downlinks
+    # star: a tree's two steps load each link at most once; the trees of owners 0 and 1 use
+    # disjoint links at every step (0->2 with 1->3, then 0->1, 2->3, 1->0, 3->2)
     size = pm.expert_param_bytes(H, ALPHA, B)
     bc, red = pm.shadow_comm_times([0], np.arange(4), H, ALPHA, B, star())
-    assert bc == pytest.approx(size / BW) and red == pytest.approx(size / BW)
+    assert bc == pytest.approx(2 * size / BW) and red == pytest.approx(2 * size / BW)
     bc2, _ = pm.shadow_comm_times([0, 1], np.arange(4), H, ALPHA, B, star())
     assert bc2 == pytest.approx(2 * size / BW)
+    # two experts of one owner travel in one tree of twice the bytes
+    bc3, red3 = pm.shadow_comm_times([0, 1], np.zeros(4, dtype=int), H, ALPHA, B, star())
+    assert bc3 == pytest.approx(4 * size / BW) and red3 == pytest.approx(4 * size / BW)
 
 
 def test_predict_layer_with_shadow() -> None:
@@ -205,7 +209,7 @@ def test_predict_layer_with_shadow() -> None:
     size = pm.expert_param_bytes(H, ALPHA, B)
     assert shadow.loads == (1000.0,) * 4 and shadow.comm_s == 0.0
     assert shadow.comp_s == pytest.approx(0.5e-3)
-    assert shadow.total_s == pytest.approx(3 * 0.5e-3 + 2 * size / BW)
+    assert shadow.total_s == pytest.approx(3 * 0.5e-3 + 4 * size / BW)  # two tree steps each way
     assert shadow.total_s < base.total_s
     simple = pm.predict_layer(counts, None, H, ALPHA, B, topo, shadow_experts=[0],
                               shadow_comm="simple")
