@@ -38,11 +38,15 @@ rounding. The result equals ``torch.topk(selection, k)`` whenever ``wanted <= L`
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
-__all__ = ["GateResult", "cap_offnode", "offnode_fraction", "offnode_limit", "to_routing_map"]
+if TYPE_CHECKING:
+    from ..perf.topology import Topology
+
+__all__ = ["GateResult", "cap_offnode", "offnode_fraction", "offnode_limit", "to_routing_map",
+           "topology_offnode_fraction"]
 
 
 class GateResult(NamedTuple):
@@ -72,6 +76,23 @@ def offnode_fraction(w_net: float, w_local: float, workers_per_node: int) -> flo
             f"w_net={w_net}, w_local={w_local}, workers_per_node={workers_per_node}"
         )
     return min(1.0, w_net / (workers_per_node * w_local))
+
+
+def topology_offnode_fraction(topology: "Topology") -> float:
+    """f of a cluster (:func:`offnode_fraction`): W_net is a node's aggregate NIC bandwidth
+    (the sum of its NICs: the paper's single NIC, or one per GPU on DGX-like nodes); W_local
+    is the slowest bottleneck between two workers of one node (a worker's worst intra-node
+    path). A single-node cluster has no network: f = 1 (no cap). One worker per node leaves
+    W_local undefined: a ValueError."""
+    spec, m = topology.spec, topology.workers_per_node
+    if spec.nodes == 1 or not spec.nics:
+        return 1.0
+    if m == 1:
+        raise ValueError(f"cluster {spec.name!r} has one worker per node: W_local is undefined")
+    w_net = sum(nic.bandwidth for nic in spec.nics)
+    w_local = min(min(ln.bandwidth for ln in topology.path(a, b))
+                  for a in range(m) for b in range(m) if a != b)
+    return offnode_fraction(w_net, w_local, m)
 
 
 def offnode_limit(tokens: int, fraction: float) -> int:

@@ -20,8 +20,6 @@ import math
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from ..bench.stats import r_squared
 from .run import LabConfig
 

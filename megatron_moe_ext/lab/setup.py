@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..core.gate import cap_offnode, offnode_fraction, offnode_limit
+from ..core.gate import cap_offnode, offnode_limit, topology_offnode_fraction
 from ..core.shadow_policy import choose_shadows, pick_shadows
 from ..perf.model import DTYPE_BYTES, LayerPrediction, predict_layer
 from ..perf.topology import ClusterSpecError, Topology, ep_topology, is_stand_in, load_cluster
@@ -28,7 +28,7 @@ __all__ = [
     "EMULATION_CLUSTER_ENV", "EMULATION_CLUSTER_FILE_ENV", "EMULATION_SCALE_ENV",
     "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
-    "gate_fraction", "score_counts",
+    "score_counts",
     "predict", "layer_transition", "route_above",
 ]
 
@@ -129,21 +129,6 @@ def _popularity(num_experts: int, seed: int, iteration: int, vary: bool) -> np.n
     return np.random.default_rng([seed, iteration]).permutation(num_experts).astype(float)
 
 
-def gate_fraction(topology: Topology) -> float:
-    """f = W_net / (M W_local) of the topology-aware gate, by the rule of
-    ``megatron.router.cluster_offnode_fraction`` (W_net: a node's NICs summed; W_local: the
-    slowest bottleneck between two workers of a node); 1 on a single node."""
-    spec, m = topology.spec, topology.workers_per_node
-    if spec.nodes == 1 or not spec.nics:
-        return 1.0
-    if m == 1:
-        raise ValueError(f"{spec.name}: one worker per node, the gate's W_local is undefined")
-    w_net = sum(nic.bandwidth for nic in spec.nics)
-    w_local = min(min(ln.bandwidth for ln in topology.path(a, b))
-                  for a in range(m) for b in range(m) if a != b)
-    return offnode_fraction(w_net, w_local, m)
-
-
 def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, skew: float,
                  seed: int, iteration: int = 0, vary: bool = False,
                  gate: bool = False) -> np.ndarray:
@@ -162,7 +147,7 @@ def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, s
         raise ValueError(f"E={num_experts} must be a multiple of W={w}")
     popularity = _popularity(num_experts, seed, iteration, vary)
     expert_node = torch.as_tensor(np.arange(num_experts) // (num_experts // w) // m)
-    limit = offnode_limit(tokens * topk, gate_fraction(topology)) if gate else None
+    limit = offnode_limit(tokens * topk, topology_offnode_fraction(topology)) if gate else None
     rows = []
     for worker in range(w):
         g = np.random.default_rng([seed, iteration if vary else 0, worker + 1, 7])

@@ -39,7 +39,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe_ext.config import RouterConfig
-from megatron_moe_ext.core.gate import cap_offnode, offnode_fraction, offnode_limit
+from megatron_moe_ext.core.gate import cap_offnode, offnode_limit, topology_offnode_fraction
 from megatron_moe_ext.megatron.versions import applies, record_moe_metric, version_string
 
 logger = logging.getLogger(__name__)
@@ -53,31 +53,16 @@ TRACKER_PREFIX = "topo_gate_"
 
 @functools.lru_cache(maxsize=None)
 def cluster_offnode_fraction(name_or_path: str) -> tuple[float, int]:
-    """(f, M) of a cluster description: f = W_net / (M * W_local), clamped to 1.
-
-    W_net is a node's aggregate NIC bandwidth (the sum of its NICs: the paper's single NIC,
-    or one per GPU on DGX-like nodes); W_local is the slowest bottleneck bandwidth between
-    two workers of one node (a worker's worst intra-node path). A single-node cluster has no
-    network: f = 1 (no cap). One worker per node leaves W_local undefined: an error, set
-    ``moe.router.offnode_fraction`` instead.
-    """
+    """(f, M) of a cluster description: f by :func:`core.gate.topology_offnode_fraction`,
+    M its workers per node. One worker per node: an error naming
+    ``moe.router.offnode_fraction``, the key to set instead."""
     from megatron_moe_ext.perf.topology import build_topology
 
     topo = build_topology(name_or_path)
-    spec, m = topo.spec, topo.workers_per_node
-    if spec.nodes == 1 or not spec.nics:
-        return 1.0, m
-    if m == 1:
-        raise ValueError(
-            f"cluster {spec.name!r} has one worker per node: W_local is undefined; "
-            "set moe.router.offnode_fraction"
-        )
-    w_net = sum(nic.bandwidth for nic in spec.nics)
-    w_local = min(
-        min(ln.bandwidth for ln in topo.path(a, b))
-        for a in range(m) for b in range(m) if a != b
-    )
-    return offnode_fraction(w_net, w_local, m), m
+    try:
+        return topology_offnode_fraction(topo), topo.workers_per_node
+    except ValueError as exc:
+        raise ValueError(f"{exc}; set moe.router.offnode_fraction") from exc
 
 
 def resolve_gate_options(options: RouterConfig, ep_size: int) -> tuple[float, int]:
