@@ -190,6 +190,23 @@ def with_circuits(base: ClusterSpec, circuits: dict[tuple[int, int], int],
                                name=base.name.replace("tree", "ocs") + "+ocs")
 
 
+def window_comm_s(recs: np.ndarray, plan: Sequence[CircuitWindow], base: ClusterSpec,
+                  ocs_gbps: float, ep_size: int, H: int, dtype: str = "fp32") -> list[float]:
+    """Predicted seconds of every window's all-to-alls on ``base`` plus the window's circuits:
+    per layer call dispatch + combine (2 x ``predict_layer(...).comm_s``), summed over the
+    window's records and layers (what the emulator measures, :mod:`..emulation.reconf`)."""
+    out = []
+    for win in plan:
+        topo = Topology(with_circuits(base, win.circuits, ocs_gbps))
+        total = 0.0
+        for rec in np.asarray(recs, dtype=float)[win.start:win.stop]:
+            for c in rec:
+                cg, place = group_counts(c, ep_size)
+                total += 2 * predict_layer(cg, place, H, 2.0, None, topo, dtype).comm_s
+        out.append(total)
+    return out
+
+
 def fabric_cost(spec: ClusterSpec, ocs_ports: int = 0, ocs_gbps: float = 0.0) -> Optional[float]:
     """USD of the links of a flat fabric (+ ``ocs_ports`` circuit ports, priced like one
     ``ocs`` link each); None when a kind has no price in ``link_costs``."""
