@@ -58,6 +58,28 @@ class WorkerEmulatedCluster(EmulatedCluster):
         self.config: tuple[DeviceConfig, ...] = tc_config(fabric, dict(circuits or {}))
         """The htb configuration installed now."""
 
+    @classmethod
+    def for_tree(cls, spec: ClusterSpec, scale: float, nodes: int | None = None,
+                 workers_per_node: int | None = None, oversub: float = 1.0,
+                 nic_gbps: float | None = None, **kw) -> "WorkerEmulatedCluster":
+        """The model's tree fabric (:func:`..traffic.fabric.tree_fabric`: a NIC of
+        ``nic_gbps``, default the cluster's first NIC, per worker, node uplinks of M x NIC /
+        ``oversub``) on ``nodes`` nodes, no circuits. ``workers_per_node`` must be the
+        cluster's (the tree keeps the node's own links)."""
+        from ..traffic.fabric import tree_fabric
+        from .circuits import circuit_fabric
+
+        m = spec.workers_per_node
+        if workers_per_node not in (None, m):
+            raise EmulationError(f"workers_per_node {workers_per_node}: one namespace per "
+                                 f"worker emulates whole nodes of {spec.name} ({m} workers)")
+        n = spec.nodes if nodes is None else int(nodes)
+        if not spec.nics:
+            raise EmulationError(f"{spec.name}: the cluster has no NIC")
+        nic = float(nic_gbps or spec.nics[0].gbps)
+        tree = tree_fabric(spec, n * m, nic, oversub, rack_nodes=1)
+        return cls(spec, circuit_fabric(tree, spec, n, nic, scale), **kw)
+
     # ---- naming ----------------------------------------------------------------------
 
     def namespace(self, node: NodeRef) -> str:

@@ -1,10 +1,12 @@
 """Reconfigurable circuits in the emulator (megatron_moe_ext/emulation/circuits.py, workers.py,
 reconf.py): the model's plan -> htb classes / filters / tc commands (no root), the model's
 per-window prediction on a hand-checked trace, and, with root + tc, that a rate change of a
-real worker-to-worker transfer takes effect (~10 s)."""
+real worker-to-worker transfer takes effect and that the emulator's probe runs unchanged with
+one namespace per worker (~25 s together)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -28,7 +30,7 @@ from megatron_moe_ext.emulation.reconf import ReconfSetup, make_plans
 from megatron_moe_ext.perf.topology import GBIT, cluster_spec_from_dict, load_cluster
 from megatron_moe_ext.traffic import fabric as fb
 from megatron_moe_ext.traffic.synthetic import phased_pair_counts
-from tests.emulation.test_netns import _netns, _ours, needs_netns
+from tests.emulation.test_netns import PROBE, _cli, _netns, _ours, _write_cluster, needs_netns
 from tests.helpers import REPO
 
 PHASED = [[(0, 1), (2, 3)], [(0, 2), (1, 3)], [(0, 3), (1, 2)]]
@@ -131,6 +133,21 @@ def test_plans_and_prediction_on_phased_pairs() -> None:
                                                       ms["tree"][0], hit], rtol=1e-9)
 
 
+def test_worker_mode_dry_run_launches_one_torchrun_per_worker(tmp_path) -> None:
+    cluster = str(REPO / "docs/data/traffic/reconf3x2.yaml")
+    proc = _cli(["--cluster", cluster, "--scale", "0.002", "--worker-namespaces", "--oversub",
+                 "4", "--dry-run", "--", "x.py"])
+    assert proc.returncode == 0, proc.stderr
+    runs = [ln for ln in proc.stdout.splitlines() if "torch.distributed.run" in ln]
+    assert len(runs) == 6
+    assert "node1w1 env GLOO_SOCKET_IFNAME=eth0" in runs[3]
+    assert "--nnodes 6 --nproc-per-node 1 --node-rank 3 --master-addr 10.77.1.1" in runs[3]
+    assert "uplink 50," in proc.stdout  # 2 x 100 Gb/s / 4
+    bad = _cli(["--cluster", cluster, "--scale", "1", "--worker-namespaces", "--delay-ms", "1",
+                "--dry-run", "--", "x.py"])
+    assert bad.returncode == 2 and "--worker-namespaces takes none of" in bad.stderr
+
+
 _SERVER = """import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('0.0.0.0', 5001)); s.listen(1); n_bytes = int(sys.argv[1])
@@ -177,3 +194,22 @@ def test_rate_change_takes_effect_between_two_workers() -> None:
     assert "flowid" not in stats  # back on the tree: no bypass filter left
     assert _ours(_netns()) == before
 
+
+
+@needs_netns
+def test_cli_worker_namespaces_runs_the_probe(tmp_path) -> None:
+    """scripts/emulate_cluster.py --worker-namespaces, 2 nodes x 1 worker, NIC 200 Mbit/s:
+    the probe's 8 MB all-to-all (4 MB each way) within the bounds of the node mode's test
+    (test_netns.test_nic_rate_limit_scales_all_to_all), over each worker's own eth0."""
+    before = _ours(_netns())
+    out = tmp_path / "probe.json"
+    proc = _cli(["--cluster", str(_write_cluster(tmp_path, 0.2, 10, m=1)), "--scale", "1",
+                 "--nodes", "2", "--worker-namespaces", "--timeout", "90", "--", str(PROBE),
+                 "--mb", "8", "--iters", "3", "--json", str(out)])
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "one namespace per worker" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["correct"] and res["ifname"] == "eth0"
+    one_way = 4 * 2**20 * 8 / 200e6
+    assert 0.9 * one_way < res["median_s"] < 2.4 * one_way, res["median_s"]
+    assert _ours(_netns()) == before
