@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except EmulationUnavailable as exc:
         print(f"[reconf] cannot emulate: {exc}", file=sys.stderr)
         return 2
-    except (EmulationError, ClusterSpecError, ValueError) as exc:
+    except (EmulationError, ClusterSpecError, ValueError, OSError) as exc:
         print(f"[reconf] error: {exc}", file=sys.stderr)
         return 2
     table = format_table(result)
