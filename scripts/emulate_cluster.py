@@ -27,6 +27,7 @@ from megatron_moe_ext.emulation.netns import (
     cleanup,
     measure_local_gemm_tflops,
 )
+from megatron_moe_ext.emulation.workers import WorkerEmulatedCluster
 from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster
 
 
@@ -72,6 +73,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="size of the shared intra-node limit on lo: one link's rate (link) or "
                         "the rate at which the node's uniform all-to-all takes the model's "
                         "time (aggregate, what the scale lab's 8-worker nodes need)")
+    p.add_argument("--worker-namespaces", action="store_true",
+                   help="one namespace (address) per worker, one torchrun each; the links are "
+                        "the model's tree fabric as htb classes (a NIC per worker at the "
+                        "cluster's first NIC rate, node uplinks of M x NIC / --oversub); "
+                        "see docs/emulation.md")
+    p.add_argument("--oversub", type=float, default=1.0,
+                   help="with --worker-namespaces: uplink oversubscription of the tree")
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--timeout", type=float, default=None, help="stop the run after S seconds")
     p.add_argument("--grace", type=float, default=30.0,
@@ -85,6 +93,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not args.cleanup:
         if not args.cluster:
             p.error("--cluster is required")
+        if args.worker_namespaces and (args.delay_ms or args.no_intra_limit
+                                       or args.intra_bus != "link"):
+            p.error("--worker-namespaces takes none of --delay-ms, --no-intra-limit, "
+                    "--intra-bus (its limits are the tree's htb classes)")
         if not cmd:
             p.error("give the command after '--': -- SCRIPT [ARGS...]")
     return args, cmd
@@ -115,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scale = float(args.scale)
             print(f"[emulate] scale {scale:.6g} (given)", flush=True)
-        cluster = EmulatedCluster(
-            spec, scale, args.nodes, args.workers_per_node, args.delay_ms,
-            intra_limit=not args.no_intra_limit, master_port=args.master_port,
-            dry_run=args.dry_run, intra_bus=args.intra_bus,
-        )
+        if args.worker_namespaces:
+            cluster: EmulatedCluster = WorkerEmulatedCluster.for_tree(
+                spec, scale, args.nodes, args.workers_per_node, args.oversub,
+                master_port=args.master_port, dry_run=args.dry_run)
+        else:
+            cluster = EmulatedCluster(
+                spec, scale, args.nodes, args.workers_per_node, args.delay_ms,
+                intra_limit=not args.no_intra_limit, master_port=args.master_port,
+                dry_run=args.dry_run, intra_bus=args.intra_bus,
+            )
         total = cluster.nodes * cluster.workers_per_node
         if total > (os.cpu_count() or 1):
             print(f"[emulate] warning: {total} worker processes on {os.cpu_count()} CPU cores "

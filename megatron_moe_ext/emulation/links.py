@@ -233,8 +233,18 @@ def plan_links(
     return links
 
 
+def rate_kbit(rate_bytes: float) -> int:
+    """A rate in bytes/s as tc's integer kbit (at least 8)."""
+    return max(8, int(round(rate_bytes * 8 / 1000)))
+
+
+def burst_bytes(rate_bytes: float, dev: str) -> int:
+    """Token bucket of a rate limit on ``dev``: :data:`TBF_BURST_S` at the rate, at least the
+    device's minimum (:data:`_MIN_BURST`, else :data:`_DEFAULT_MIN_BURST`)."""
+    return max(_MIN_BURST.get(dev, _DEFAULT_MIN_BURST), int(rate_bytes * TBF_BURST_S))
+
+
 def tbf_args(rate_bytes: float, dev: str) -> list[str]:
     """``tbf rate .. burst .. latency ..`` for a rate in bytes/s on ``dev``."""
-    kbit = max(8, int(round(rate_bytes * 8 / 1000)))
-    burst = max(_MIN_BURST.get(dev, _DEFAULT_MIN_BURST), int(rate_bytes * TBF_BURST_S))
-    return ["tbf", "rate", f"{kbit}kbit", "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
+    return ["tbf", "rate", f"{rate_kbit(rate_bytes)}kbit", "burst",
+            str(burst_bytes(rate_bytes, dev)), "latency", f"{TBF_LATENCY_MS}ms"]

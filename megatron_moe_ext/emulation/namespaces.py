@@ -1,7 +1,8 @@
 """Host side of the emulation: prerequisites, and listing, removing and cleaning up the network
 namespaces it creates.
 
-Every namespace created by :mod:`.netns` is named ``mmx-<pid>[.<seq>]-{sw,node<k>,probe}`` so that
+Every namespace created by :mod:`.netns` is named ``mmx-<pid>[.<seq>]-{sw,node<k>,probe}`` (and
+``node<k>w<j>`` for a worker's own namespace, :mod:`.workers`) so that
 :func:`cleanup` can tell the leftovers of dead processes from those of live ones.
 """
 
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "mmx-"
 """Name prefix of every namespace this package creates."""
 
-NS_RE = re.compile(r"^mmx-(\d+)(?:\.\d+)?-(?:node\d+|sw|probe)$")
+NS_RE = re.compile(r"^mmx-(\d+)(?:\.\d+)?-(?:node\d+(?:w\d+)?|sw|probe)$")
 """Names of the namespaces this package creates (group 1: the creating process id)."""
 
 

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 from ..perf.topology import ClusterSpec
 from .links import (  # noqa: F401 -- used here and re-exported
@@ -333,6 +333,10 @@ class EmulatedCluster:
             out["MMX_EMULATION_CLUSTER_FILE"] = self.cluster_file
         return out
 
+    def launch_units(self) -> list[NodeRef]:
+        """Where :meth:`run` starts one torchrun each: every node."""
+        return list(range(self.nodes))
+
     def torchrun_argv(self, node: int, cmd: Sequence[str]) -> list[str]:
         """torchrun command line for node ``node`` (static rendezvous at node 0)."""
         return [
@@ -344,31 +348,36 @@ class EmulatedCluster:
 
     def run(
         self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
-        timeout: float | None = None, grace_s: float = 30.0, **popen_kwargs,
+        timeout: float | None = None, grace_s: float = 30.0,
+        poll: Optional[Callable[[], None]] = None, **popen_kwargs,
     ) -> int:
         """Launch one torchrun per node running ``cmd`` (``SCRIPT [ARGS...]``, or ``-m MODULE``
         ...) and wait. Returns the worst exit code of the nodes that exited by themselves
         (a signal s counts as 128 + s); 124 when ``timeout`` expired. After the first failure,
         the other nodes get ``grace_s`` seconds to exit before they are stopped.
-        ``popen_kwargs`` (e.g. ``stdout``) go to :class:`subprocess.Popen`."""
+        ``poll``, when given, is called every 0.1 s while the nodes run (e.g. to serve the
+        workload's reconfiguration requests). ``popen_kwargs`` (e.g. ``stdout``) go to
+        :class:`subprocess.Popen`."""
         if not cmd:
             raise EmulationError("no command to run")
         if self.dry_run:
             keys = ("GLOO_SOCKET_IFNAME", "PYTHONPATH", "OMP_NUM_THREADS", "MMX_EMULATION_SCALE")
-            for k in range(self.nodes):
+            for k in self.launch_units():
                 full = self.env_for(k, env)
                 self.commands.append(self._ns_argv(
                     k, ["env", *(f"{key}={full[key]}" for key in keys),
                         *self.torchrun_argv(k, cmd)]))
             return 0
         procs = [self.popen_in(k, self.torchrun_argv(k, cmd), env=self.env_for(k, env),
-                               **popen_kwargs) for k in range(self.nodes)]
+                               **popen_kwargs) for k in self.launch_units()]
         killed: set[int] = set()
         timed_out = False
         deadline = None if timeout is None else time.monotonic() + timeout
         fail_at: float | None = None
         while any(p.poll() is None for p in procs):
             time.sleep(0.1)
+            if poll is not None:
+                poll()
             now = time.monotonic()
             if fail_at is None and any(p.poll() not in (None, 0) for p in procs):
                 fail_at = now + grace_s

@@ -142,6 +142,45 @@ def assign_circuits(T: np.ndarray, k: int, ports: int,
         free[b] -= 1
 
 
+@dataclass(frozen=True)
+class CircuitWindow:
+    """One window of a circuit plan: records ``[start, stop)`` run on ``circuits``."""
+
+    start: int
+    """First record (index into the records the plan was made for)."""
+    stop: int
+    """One past the last record."""
+    circuits: dict[tuple[int, int], int]
+    """{(a, b): circuits} with a < b (:func:`assign_circuits`)."""
+
+
+def plan_circuits(recs: np.ndarray, ep_size: int, k: int, ports: int, workers_per_node: int,
+                  reconfig_every: int, static: bool = False) -> list[CircuitWindow]:
+    """The reconfigurable fabric's circuits per window of ``reconfig_every`` records.
+
+    ``recs`` [I, L, W, E] counts per layer call. Window j's circuits are
+    :func:`assign_circuits` on the traffic of window j - 1 (window 0: its own), summed over
+    its records and layers. ``static``: every window keeps window 0's circuits (a fabric
+    configured once). The model (:func:`evaluate_fabrics`) and the cluster emulator
+    (:mod:`megatron_moe_ext.emulation.circuits`) both run this plan.
+    """
+    if reconfig_every < 1:
+        raise ValueError(f"reconfig_every must be >= 1, got {reconfig_every}")
+    recs = np.asarray(recs, dtype=float)
+    n_win = -(-len(recs) // reconfig_every)
+    out: list[CircuitWindow] = []
+    for j in range(n_win):
+        if static and out:
+            circuits = out[0].circuits
+        else:
+            seen = recs[max(0, j - 1) * reconfig_every:max(1, j) * reconfig_every]
+            T = sum(traffic_matrix(c, ep_size) for rec in seen for c in rec)
+            circuits = assign_circuits(T, k, ports, workers_per_node)
+        out.append(CircuitWindow(j * reconfig_every, min(len(recs), (j + 1) * reconfig_every),
+                                 circuits))
+    return out
+
+
 def with_circuits(base: ClusterSpec, circuits: dict[tuple[int, int], int],
                   ocs_gbps: float) -> ClusterSpec:
     """``base`` (a flat fabric) plus direct worker-worker circuits of kind ``ocs``."""
@@ -149,6 +188,23 @@ def with_circuits(base: ClusterSpec, circuits: dict[tuple[int, int], int],
                   for (a, b), n in sorted(circuits.items()))
     return dataclasses.replace(base, links=base.links + extra,
                                name=base.name.replace("tree", "ocs") + "+ocs")
+
+
+def window_comm_s(recs: np.ndarray, plan: Sequence[CircuitWindow], base: ClusterSpec,
+                  ocs_gbps: float, ep_size: int, H: int, dtype: str = "fp32") -> list[float]:
+    """Predicted seconds of every window's all-to-alls on ``base`` plus the window's circuits:
+    per layer call dispatch + combine (2 x ``predict_layer(...).comm_s``), summed over the
+    window's records and layers (what the emulator measures, :mod:`..emulation.reconf`)."""
+    out = []
+    for win in plan:
+        topo = Topology(with_circuits(base, win.circuits, ocs_gbps))
+        total = 0.0
+        for rec in np.asarray(recs, dtype=float)[win.start:win.stop]:
+            for c in rec:
+                cg, place = group_counts(c, ep_size)
+                total += 2 * predict_layer(cg, place, H, 2.0, None, topo, dtype).comm_s
+        out.append(total)
+    return out
 
 
 def fabric_cost(spec: ClusterSpec, ocs_ports: int = 0, ocs_gbps: float = 0.0) -> Optional[float]:
@@ -250,14 +306,10 @@ def evaluate_fabrics(trace: RoutingTrace, cluster: ClusterSpec, *, nic_gbps: Opt
             notes=[spec.description, f"B_nic {nic:g} Gbit/s"]))
     base = fabrics[f"oversubscribed {oversub:g}:1"]
     per_call, shares = [], []
-    n_win = -(-len(recs) // reconfig_every)
-    for j in range(n_win):
-        window = recs[j * reconfig_every:(j + 1) * reconfig_every]
-        seen = recs[max(0, j - 1) * reconfig_every:max(1, j) * reconfig_every]
-        T = sum(traffic_matrix(c, h.ep_size) for rec in seen for c in rec)
-        circuits = assign_circuits(T, k, ports, cluster.workers_per_node)
-        topo = Topology(with_circuits(base, circuits, ocs))
-        for rec in window:
+    for win in plan_circuits(recs, h.ep_size, k, ports, cluster.workers_per_node,
+                             reconfig_every):
+        topo = Topology(with_circuits(base, win.circuits, ocs))
+        for rec in recs[win.start:win.stop]:
             res = [_predict(c, h.ep_size, topo, H, alpha, dtype) for c in rec]
             per_call.append([x[0] for x in res])
             shares.extend(x[1] for x in res)

@@ -53,3 +53,19 @@ def write_synthetic_trace(path: str, W: int, E: int, L: int = 2, I: int = 32, T:
                         key: v for key, v in kw.items()}})
     write_trace(path, h, list(counts), iterations=range(1, I + 1))
     return str(path)
+
+
+def phased_pair_counts(W: int, pairings: list[list[tuple[int, int]]], records_per_phase: int,
+                       heavy: int, light: int) -> np.ndarray:
+    """[I, 1, W, W] counts (one expert per worker, one layer) whose heavy pairs change over
+    time: in phase p every pair (a, b) of ``pairings[p]`` sends ``heavy`` tokens each way,
+    every other (worker, expert) entry is ``light``. I = len(pairings) * records_per_phase.
+    Deterministic (no sampling): for the reconfiguration emulation (docs/traffic.md)."""
+    out = np.full((len(pairings) * records_per_phase, 1, W, W), light, dtype=np.int64)
+    for p, pairs in enumerate(pairings):
+        if sorted(w for pair in pairs for w in pair) != list(range(W)):
+            raise ValueError(f"pairings[{p}] = {pairs} must pair every worker of {W} once")
+        rows = out[p * records_per_phase:(p + 1) * records_per_phase, 0]
+        for a, b in pairs:
+            rows[:, a, b] = rows[:, b, a] = heavy
+    return out
