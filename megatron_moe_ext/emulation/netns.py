@@ -231,20 +231,27 @@ class EmulatedCluster:
         self._created.append(ns)
         self._sh(["ip", "-n", ns, "link", "set", "lo", "up"])
 
+    def _add_bridge_namespace(self, ns: str) -> None:
+        """A new namespace holding bridge ``BRIDGE``, up."""
+        self._add_namespace(ns)
+        self._sh(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"])
+        self._sh(["ip", "-n", ns, "link", "set", BRIDGE, "up"])
+
+    def _add_port(self, ns: str, port: str, peer_ns: str, peer_dev: str) -> None:
+        """A veth pair created inside ``ns``: ``port`` joins ``ns``'s bridge (up); its peer
+        ``peer_dev`` is moved straight into ``peer_ns`` (left down for the caller)."""
+        self._sh(["ip", "-n", ns, "link", "add", port, "type", "veth", "peer", "name",
+                  peer_dev, "netns", peer_ns])
+        self._sh(["ip", "-n", ns, "link", "set", port, "master", BRIDGE])
+        self._sh(["ip", "-n", ns, "link", "set", port, "up"])
+
     def _setup(self) -> None:
         sw = self.namespace("sw")
-        self._add_namespace(sw)
-        self._sh(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
-        self._sh(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
+        self._add_bridge_namespace(sw)
         for k in range(self.nodes):
             ns = self.namespace(k)
             self._add_namespace(ns)
-            port = f"p{k}"
-            # created inside the switch namespace, peer moved straight into the node's
-            self._sh(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name",
-                      NODE_IF, "netns", ns])
-            self._sh(["ip", "-n", sw, "link", "set", port, "master", BRIDGE])
-            self._sh(["ip", "-n", sw, "link", "set", port, "up"])
+            self._add_port(sw, f"p{k}", ns, NODE_IF)
             self._sh(["ip", "-n", ns, "addr", "add", f"{self.node_address(k)}/24", "dev", NODE_IF])
             self._sh(["ip", "-n", ns, "link", "set", NODE_IF, "up"])
         for link in self.links:

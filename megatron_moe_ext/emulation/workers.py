@@ -117,27 +117,18 @@ class WorkerEmulatedCluster(EmulatedCluster):
 
     def _setup(self) -> None:
         sw = self.namespace("sw")
-        self._add_namespace(sw)
-        self._sh(["ip", "-n", sw, "link", "add", BRIDGE, "type", "bridge"])
-        self._sh(["ip", "-n", sw, "link", "set", BRIDGE, "up"])
+        self._add_bridge_namespace(sw)
         for k in range(self.nodes):
             ns = self.namespace(k)
-            self._add_namespace(ns)
-            self._sh(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"])
-            self._sh(["ip", "-n", ns, "link", "set", BRIDGE, "up"])
-            self._sh(["ip", "-n", sw, "link", "add", f"p{k}", "type", "veth", "peer", "name",
-                      UPLINK_IF, "netns", ns])
-            for where, dev in ((sw, f"p{k}"), (ns, UPLINK_IF)):
-                self._sh(["ip", "-n", where, "link", "set", dev, "master", BRIDGE])
-                self._sh(["ip", "-n", where, "link", "set", dev, "up"])
+            self._add_bridge_namespace(ns)
+            self._add_port(sw, f"p{k}", ns, UPLINK_IF)
+            self._sh(["ip", "-n", ns, "link", "set", UPLINK_IF, "master", BRIDGE])
+            self._sh(["ip", "-n", ns, "link", "set", UPLINK_IF, "up"])
             for j in range(self.workers_per_node):
                 g = k * self.workers_per_node + j
                 wns = self.namespace(f"w{g}")
                 self._add_namespace(wns)
-                self._sh(["ip", "-n", ns, "link", "add", f"w{j}", "type", "veth", "peer", "name",
-                          WORKER_IF, "netns", wns])
-                self._sh(["ip", "-n", ns, "link", "set", f"w{j}", "master", BRIDGE])
-                self._sh(["ip", "-n", ns, "link", "set", f"w{j}", "up"])
+                self._add_port(ns, f"w{j}", wns, WORKER_IF)
                 self._sh(["ip", "-n", wns, "addr", "add", f"{self.fabric.address(g)}/24", "dev",
                           WORKER_IF])
                 self._sh(["ip", "-n", wns, "link", "set", WORKER_IF, "up"])
