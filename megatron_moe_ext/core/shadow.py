@@ -6,9 +6,9 @@ expert locally, and in backward the replicas' parameter gradients are summed bac
 owner. Broadcast and reduce are binomial trees of tagged point-to-point messages
 (:mod:`.tree`), the same plan the performance model prices (``perf.model.shadow_comm_times``);
 gloo's own broadcast sends the whole payload from the root to every worker, W - 1 times over
-the root's link. The owner's parameters are never written to; the summed gradient reaches them through
-ordinary autograd accumulation, exactly once per backward, so data-parallel gradient hooks,
-``main_grad`` buffers and optimizers see it like any other gradient.
+the root's link. The owner's parameters are never written to; the summed gradient reaches
+them through ordinary autograd accumulation, exactly once per backward, so data-parallel
+gradient hooks, ``main_grad`` buffers and optimizers see it like any other gradient.
 
 Notation
 --------

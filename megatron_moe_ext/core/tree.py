@@ -27,10 +27,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-__all__ = ["Send", "tree_steps", "broadcast_steps", "reduce_steps", "tree_position_rank"]
+__all__ = ["Send", "TreeSteps", "tree_steps", "broadcast_steps", "reduce_steps",
+           "tree_position_rank"]
 
 Send = tuple[int, int]
 """One message of a step: (source group rank, destination group rank)."""
+
+TreeSteps = tuple[tuple[Send, ...], ...]
+"""A tree: per step, its messages."""
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -45,7 +49,7 @@ def tree_position_rank(position: int, root: int, world: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def tree_steps(world: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+def tree_steps(world: int) -> TreeSteps:
     """The binomial tree's steps in positions: step s is a tuple of (from, to) positions."""
     if world < 1:
         raise ValueError(f"a tree needs at least one worker, got {world}")
@@ -60,7 +64,7 @@ def tree_steps(world: int) -> tuple[tuple[tuple[int, int], ...], ...]:
     return tuple(steps)
 
 
-def broadcast_steps(root: int, world: int) -> tuple[tuple[Send, ...], ...]:
+def broadcast_steps(root: int, world: int) -> TreeSteps:
     """The broadcast from ``root`` over ``world`` workers: one tuple of sends per step."""
     positions = tree_steps(world)
     if not 0 <= root < world:
@@ -72,7 +76,7 @@ def broadcast_steps(root: int, world: int) -> tuple[tuple[Send, ...], ...]:
     )
 
 
-def reduce_steps(root: int, world: int) -> tuple[tuple[Send, ...], ...]:
+def reduce_steps(root: int, world: int) -> TreeSteps:
     """The reduce-sum to ``root``: the broadcast's steps reversed, every edge reversed
     (a send (child, parent) adds the child's partial sum into the parent's)."""
     return tuple(tuple((dst, src) for src, dst in step)

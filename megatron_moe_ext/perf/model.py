@@ -29,7 +29,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 
 from ..core.plan import step_matrix, validate_group_size
-from ..core.tree import broadcast_steps, reduce_steps
+from ..core.tree import TreeSteps, broadcast_steps, reduce_steps
 from .topology import GemmThroughput, Topology
 
 logger = logging.getLogger(__name__)
@@ -129,10 +129,6 @@ def ring_allreduce_time(size_bytes: float, workers: Sequence[int], topology: Top
     for k, w in enumerate(ws):
         pairs[w, ws[(k + 1) % n]] += 1.0
     return 2.0 * (n - 1) / n * size_bytes * topology.transfer_time(pairs)
-
-
-TreeSteps = tuple[tuple[tuple[int, int], ...], ...]
-"""A tree of :mod:`megatron_moe_ext.core.tree`: per step, its (src, dst) messages."""
 
 
 def tree_time(trees: Sequence[tuple[TreeSteps, float]], topology: Topology) -> float:
