@@ -5,7 +5,8 @@ circuits changed between windows, measured beside the model (docs/traffic.md).
     scripts/emulate_reconf.py --trace docs/data/traffic/phased4.bin \\
         --cluster docs/data/traffic/reconf4.yaml --scale 0.002 --json runs/reconf/phased4.json
 
-Needs root and iproute2 (exit code 2 otherwise). Library: megatron_moe_ext/emulation/reconf.py.
+Needs root and iproute2 (exit code 2 otherwise); ``--predict-only`` prints the model's side
+alone (no emulator, no root). Library: megatron_moe_ext/emulation/reconf.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from megatron_moe_ext.emulation.namespaces import EmulationError, EmulationUnavailable
-from megatron_moe_ext.emulation.reconf import ReconfSetup, format_table, run_experiment
+from megatron_moe_ext.emulation.reconf import ReconfSetup, format_table, predict, run_experiment
 from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster
 
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="records per window")
     p.add_argument("--max-records", type=int, default=32, help="last records of the trace")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the workload")
+    p.add_argument("--predict-only", action="store_true",
+                   help="the model's prediction per fabric and window only: no emulator, no root")
     p.add_argument("--json", help="write the result record here")
     p.add_argument("--markdown", help="write the tables here")
     args = p.parse_args(argv)
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             nic_gbps=args.nic_gbps, oversub=args.oversub, ocs_gbps=args.ocs_gbps,
             ports=args.ports, region=args.region, reconfig_every=args.reconfig_every,
             max_records=args.max_records, timeout_s=args.timeout)
-        result = run_experiment(setup)
+        result = predict(setup) if args.predict_only else run_experiment(setup)
     except EmulationUnavailable as exc:
         print(f"[reconf] cannot emulate: {exc}", file=sys.stderr)
         return 2

@@ -101,9 +101,24 @@ class _Controller:
             self.next += 1
 
 
-def run_experiment(s: ReconfSetup) -> dict:
-    """Predict and measure the three fabrics on ``s``; returns the result record (rows per
-    fabric and window, see :func:`format_table`)."""
+@dataclass(frozen=True)
+class _Prepared:
+    """What both the prediction and the measurement use: records, fabric and plans."""
+
+    recs: np.ndarray
+    """[I, L, W, E] counts per micro-batch layer call (the trace's last ``max_records``)."""
+    ep_size: int
+    H: int
+    W: int
+    nodes: int
+    nic: float
+    ocs: float
+    plans: dict[str, list[CircuitWindow]]
+    pred_s: dict[str, list[float]]
+    """Predicted cluster seconds per fabric and window (:func:`..traffic.fabric.window_comm_s`)."""
+
+
+def _prepare(s: ReconfSetup) -> _Prepared:
     trace = read_trace(s.trace)
     h = trace.header
     H = int(s.hidden or h.meta.get("hidden_size", 0))
@@ -112,16 +127,49 @@ def run_experiment(s: ReconfSetup) -> dict:
     W, m = h.num_workers, s.cluster.workers_per_node
     if W % m:
         raise EmulationError(f"{W} workers are not whole nodes of {m}")
-    nodes = W // m
     nmb = int(h.meta.get("num_microbatches", 1))
     recs = trace.counts[-s.max_records:].astype(float) / nmb
     nic = float(s.nic_gbps or s.cluster.nics[0].gbps)
     ocs = float(s.ocs_gbps or nic)
     base = tree_fabric(s.cluster, W, nic, s.oversub, rack_nodes=1)
-    fab = circuit_fabric(base, s.cluster, nodes, ocs, s.scale)
     plans = make_plans(recs, h.ep_size, s)
     pred = {name: window_comm_s(recs, plans[name], base, ocs, h.ep_size, H) for name in FABRICS}
-    calls = [[np.rint(traffic_matrix(c, h.ep_size)).astype(int).tolist() for c in rec]
+    return _Prepared(recs, h.ep_size, H, W, W // m, nic, ocs, plans, pred)
+
+
+def predict(s: ReconfSetup) -> dict:
+    """The model's side of :func:`run_experiment` only (no emulator, no root): the same
+    record with ``measured_lab_ms`` and ``reconfig_ms`` set to None."""
+    return _record(s, _prepare(s), None, None, {})
+
+
+def _record(s: ReconfSetup, p: _Prepared, fab: Optional[object], measured: Optional[dict],
+            reconfig_s: dict, wall: Optional[float] = None) -> dict:
+    rows = []
+    for f, name in enumerate(FABRICS):
+        for j, win in enumerate(p.plans[name]):
+            rows.append({
+                "fabric": name, "window": j, "records": [win.start, win.stop],
+                "circuits": sorted([list(pair), n] for pair, n in win.circuits.items()),
+                "predicted_cluster_ms": p.pred_s[name][j] * 1e3,
+                "predicted_lab_ms": p.pred_s[name][j] / s.scale * 1e3,
+                "measured_lab_ms": (measured["window_s"][f][j] * 1e3 if measured else None),
+                "reconfig_ms": (reconfig_s.get((f, j), 0.0) * 1e3 if measured else None)})
+    return {"trace": str(s.trace), "cluster": s.cluster.name, "workers": p.W, "nodes": p.nodes,
+            "scale": s.scale, "nic_gbps": p.nic, "oversub": s.oversub, "ocs_gbps": p.ocs,
+            "ports": s.ports, "region": s.region, "reconfig_every": s.reconfig_every,
+            "hidden": p.H, "fabric": dataclasses.asdict(fab) if fab is not None else None,
+            "wall_s": wall, "rows": rows}
+
+
+def run_experiment(s: ReconfSetup) -> dict:
+    """Predict and measure the three fabrics on ``s``; returns the result record (rows per
+    fabric and window, see :func:`format_table`)."""
+    p = _prepare(s)
+    recs, plans, H = p.recs, p.plans, p.H
+    fab = circuit_fabric(tree_fabric(s.cluster, p.W, p.nic, s.oversub, rack_nodes=1),
+                         s.cluster, p.nodes, p.ocs, s.scale)
+    calls = [[np.rint(traffic_matrix(c, p.ep_size)).astype(int).tolist() for c in rec]
              for rec in recs]
     with tempfile.TemporaryDirectory(prefix="mmx-reconf-") as tmp:
         ctl = Path(tmp)
@@ -138,38 +186,35 @@ def run_experiment(s: ReconfSetup) -> dict:
             raise EmulationError(f"the workload failed (exit code {rc}, per worker "
                                  f"{cl.returncodes})")
         measured = json.loads((ctl / "result.json").read_text())
-    rows = []
-    for f, name in enumerate(FABRICS):
-        for j, win in enumerate(plans[name]):
-            rows.append({
-                "fabric": name, "window": j, "records": [win.start, win.stop],
-                "circuits": sorted([list(p), n] for p, n in win.circuits.items()),
-                "predicted_cluster_ms": pred[name][j] * 1e3,
-                "predicted_lab_ms": pred[name][j] / s.scale * 1e3,
-                "measured_lab_ms": measured["window_s"][f][j] * 1e3,
-                "reconfig_ms": ctrl.reconfig_s.get((f, j), 0.0) * 1e3})
-    return {"trace": str(s.trace), "cluster": s.cluster.name, "workers": W, "nodes": nodes,
-            "scale": s.scale, "nic_gbps": nic, "oversub": s.oversub, "ocs_gbps": ocs,
-            "ports": s.ports, "region": s.region, "reconfig_every": s.reconfig_every,
-            "hidden": H, "fabric": dataclasses.asdict(fab), "wall_s": wall, "rows": rows}
+    return _record(s, p, fab, measured, ctrl.reconfig_s, wall)
 
 
 def format_table(result: dict) -> str:
-    """Markdown: per fabric and window the circuits, predicted and measured ms, and totals."""
+    """Markdown: per fabric and window the circuits, predicted and measured ms, and totals
+    (measured columns "-" for a :func:`predict` record)."""
+    def num(x: Optional[float], fmt: str = ".1f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    def ratio(a: Optional[float], b: float) -> Optional[float]:
+        return None if a is None else a / b
+
     lines = ["| fabric | window | circuits | predicted (lab ms) | measured (lab ms) | "
              "meas/pred | tc change (ms) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         circ = " ".join(f"{a}-{b}" + (f"x{n}" if n > 1 else "") for (a, b), n in r["circuits"])
         lines.append(f"| {r['fabric']} | {r['window']} | {circ or '-'} | "
-                     f"{r['predicted_lab_ms']:.1f} | {r['measured_lab_ms']:.1f} | "
-                     f"{r['measured_lab_ms'] / r['predicted_lab_ms']:.2f} | "
-                     f"{r['reconfig_ms']:.1f} |")
+                     f"{r['predicted_lab_ms']:.1f} | {num(r['measured_lab_ms'])} | "
+                     f"{num(ratio(r['measured_lab_ms'], r['predicted_lab_ms']), '.2f')} | "
+                     f"{num(r['reconfig_ms'])} |")
     lines += ["", "| fabric | predicted total (lab ms) | measured total (lab ms) | meas/pred | "
               "measured vs tree |", "|---|---|---|---|---|"]
+    measured = all(r["measured_lab_ms"] is not None for r in result["rows"])
     tot = {name: (sum(r["predicted_lab_ms"] for r in result["rows"] if r["fabric"] == name),
-                  sum(r["measured_lab_ms"] for r in result["rows"] if r["fabric"] == name))
+                  sum(r["measured_lab_ms"] for r in result["rows"] if r["fabric"] == name)
+                  if measured else None)
            for name in FABRICS}
     for name, (p, mm) in tot.items():
-        lines.append(f"| {name} | {p:.1f} | {mm:.1f} | {mm / p:.2f} | "
-                     f"{mm / tot['tree'][1]:.2f} |")
+        vs_tree = None if mm is None else mm / tot["tree"][1]
+        lines.append(f"| {name} | {p:.1f} | {num(mm)} | {num(ratio(mm, p), '.2f')} | "
+                     f"{num(vs_tree, '.2f')} |")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ name. A NIC is the link between its attach vertex and the inter-node switch.
 
 Paths are shortest by hop count; among equally short paths the one with the widest bottleneck
 wins, then the lexicographically smallest vertex sequence, so routing is deterministic.
+A link of kind :data:`CIRCUIT_KIND` (an optical circuit between two workers) carries only its
+two endpoints' traffic: no path passes through it on the way to a third worker, since a GPU
+does not forward another GPU's traffic (the cluster emulator's circuits behave the same way).
 """
 
 from __future__ import annotations
@@ -59,13 +62,16 @@ __all__ = [
     "ClusterNotFoundError", "ClusterSpec", "ClusterSpecError", "LinkSpec", "NicSpec",
     "available_clusters", "calibration_note", "cluster_spec_from_dict", "cluster_to_dict",
     "load_cluster", "save_cluster", "this_machine", "GemmThroughput", "DirectedLink", "Topology",
-    "build_topology", "ep_topology", "is_stand_in", "STAND_IN_KIND",
+    "build_topology", "ep_topology", "is_stand_in", "STAND_IN_KIND", "CIRCUIT_KIND",
 ]
 
 logger = logging.getLogger(__name__)
 
 STAND_IN_KIND = "stand-in"
 """Link ``kind`` of the one-switch stand-in :func:`ep_topology` builds (see :func:`is_stand_in`)."""
+
+CIRCUIT_KIND = "ocs"
+"""Link ``kind`` of a worker-to-worker circuit: used only by the flow between its two ends."""
 
 GemmThroughput = Union[float, Callable[[np.ndarray], np.ndarray]]
 """Achieved GEMM throughput: a constant in FLOP/s, or a function of the tokens per GEMM."""
@@ -193,7 +199,10 @@ class Topology:
     def _paths_from(self, src_worker: int) -> dict[str, tuple[DirectedLink, ...]]:
         """Deterministic shortest paths (hops, then widest, then lexicographic) from a worker.
 
-        Paths never leave the source node through the inter-node switch and come back.
+        Paths never leave the source node through the inter-node switch and come back, and
+        never cross a circuit (:data:`CIRCUIT_KIND`): the search runs without circuits, then a
+        circuit from the source replaces the path to its other end when it is fewer hops (or
+        as few and wider).
         """
         if src_worker in self._trees:
             return self._trees[src_worker]
@@ -208,15 +217,20 @@ class Topology:
             for u in frontier:
                 hops, neg_bw, seq = best[u]
                 for ln in self._adj[u]:
-                    if ln.dst in best or (u == self.spec.inter_switch
-                                          and ln.dst.startswith(home)):
-                        continue  # visited, or a hairpin back into the source node
+                    if ln.dst in best or ln.kind == CIRCUIT_KIND or (
+                            u == self.spec.inter_switch and ln.dst.startswith(home)):
+                        continue  # visited, a circuit, or a hairpin back into the source node
                     label = (hops + 1, max(neg_bw, -ln.bandwidth), seq + (ln.dst,))
                     if ln.dst not in cand or label < cand[ln.dst][0]:
                         cand[ln.dst] = (label, via[u] + (ln,))
             for v, (label, path) in cand.items():
                 best[v], via[v] = label, path
             frontier = sorted(cand)
+        for ln in self._adj[src]:
+            if ln.kind == CIRCUIT_KIND:
+                old = via.get(ln.dst)
+                if old is None or (1, -ln.bandwidth) < (len(old), -min(x.bandwidth for x in old)):
+                    via[ln.dst] = (ln,)
         self._trees[src_worker] = via
         return via
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..perf.cluster import ClusterSpec, LinkSpec
 from ..perf.model import predict_layer
-from ..perf.topology import Topology
+from ..perf.topology import CIRCUIT_KIND, Topology
 from .locality import best_regions, traffic_matrix
 from .trace import RoutingTrace
 
@@ -184,7 +184,7 @@ def plan_circuits(recs: np.ndarray, ep_size: int, k: int, ports: int, workers_pe
 def with_circuits(base: ClusterSpec, circuits: dict[tuple[int, int], int],
                   ocs_gbps: float) -> ClusterSpec:
     """``base`` (a flat fabric) plus direct worker-worker circuits of kind ``ocs``."""
-    extra = tuple(LinkSpec(a=f"w{a}", b=f"w{b}", gbps=ocs_gbps, count=n, kind="ocs")
+    extra = tuple(LinkSpec(a=f"w{a}", b=f"w{b}", gbps=ocs_gbps, count=n, kind=CIRCUIT_KIND)
                   for (a, b), n in sorted(circuits.items()))
     return dataclasses.replace(base, links=base.links + extra,
                                name=base.name.replace("tree", "ocs") + "+ocs")
@@ -212,14 +212,14 @@ def fabric_cost(spec: ClusterSpec, ocs_ports: int = 0, ocs_gbps: float = 0.0) ->
     ``ocs`` link each); None when a kind has no price in ``link_costs``."""
     total = 0.0
     for ln in spec.links:
-        if ln.kind == "ocs":
+        if ln.kind == CIRCUIT_KIND:
             continue  # circuits are counted as ports (they move, the ports stay)
         cost = spec.link_costs.get(ln.kind)
         if cost is None:
             return None
         total += cost.price(ln.gbps, ln.count)
     if ocs_ports:
-        cost = spec.link_costs.get("ocs")
+        cost = spec.link_costs.get(CIRCUIT_KIND)
         if cost is None:
             return None
         total += cost.price(ocs_gbps, ocs_ports) / 2  # a circuit joins two ports

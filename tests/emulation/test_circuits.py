@@ -133,6 +133,28 @@ def test_plans_and_prediction_on_phased_pairs() -> None:
                                                       ms["tree"][0], hit], rtol=1e-9)
 
 
+def test_predict_only_prices_stale_circuits_as_the_tree(tmp_path) -> None:
+    """scripts/emulate_reconf.py --predict-only (no root) on the bundled 3 x 2 trace: a window
+    whose circuits miss the heavy pairs costs what the uplink-bound traffic costs (no relay
+    through a node-mate's circuit), well above a window whose circuits hit them."""
+    import subprocess
+
+    out = tmp_path / "pred.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts/emulate_reconf.py"), "--trace",
+         str(REPO / "docs/data/traffic/phased6.bin"), "--cluster",
+         str(REPO / "docs/data/traffic/reconf3x2.yaml"), "--scale", "0.002", "--predict-only",
+         "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    ms = {(r["fabric"], r["window"]): r["predicted_lab_ms"] for r in rec["rows"]}
+    assert all(r["measured_lab_ms"] is None for r in rec["rows"]) and rec["wall_s"] is None
+    hit, stale, tree = ms["reconfigurable", 3], ms["reconfigurable", 2], ms["tree", 2]
+    assert hit < stale / 2 and stale <= tree
+    assert ms["static", 3] == pytest.approx(stale)  # window 0's circuits, stale from window 2 on
+    assert "| reconfigurable | 3 | 0-4 1-3 2-5 |" in proc.stdout and "| - |" in proc.stdout
+
+
 def test_worker_mode_dry_run_launches_one_torchrun_per_worker(tmp_path) -> None:
     cluster = str(REPO / "docs/data/traffic/reconf3x2.yaml")
     proc = _cli(["--cluster", cluster, "--scale", "0.002", "--worker-namespaces", "--oversub",

@@ -10,9 +10,10 @@ import pytest
 
 from megatron_moe_ext.perf.cluster import LinkCost
 from megatron_moe_ext.perf.model import predict_layer
-from megatron_moe_ext.perf.topology import Topology, ep_topology, load_cluster
+from megatron_moe_ext.perf.topology import CIRCUIT_KIND, Topology, ep_topology, load_cluster
 from megatron_moe_ext.traffic import fabric as fb
 from megatron_moe_ext.traffic.trace import RoutingTrace, TraceHeader
+from tests.helpers import REPO
 
 
 def _pair_trace(W: int = 16, E: int = 16, iters: int = 4) -> RoutingTrace:
@@ -50,6 +51,25 @@ def test_circuits_go_to_the_heaviest_pairs_inside_regions() -> None:
     assert fb.assign_circuits(T, k=4, ports=1, workers_per_node=2) == {(0, 2): 1, (1, 3): 1}
 
 
+def test_a_circuit_carries_only_its_own_pair() -> None:
+    """3 nodes x 2 workers (w0 w1 | w2 w3 | w4 w5), circuits 0-2 and 1-4: 0 -> 2 and 4 -> 1
+    take their circuit (one hop); 0 -> 4 does not relay w0 -> w1 -> circuit 1-4 (two hops),
+    nor 3 -> 0 through w2's circuit: both go over the tree as without circuits."""
+    cluster = load_cluster(str(REPO / "docs/data/traffic/reconf3x2.yaml"))
+    base = fb.tree_fabric(cluster, 6, 100.0, 4.0)
+    plain, topo = Topology(base), Topology(fb.with_circuits(base, {(0, 2): 1, (1, 4): 2}, 100))
+    for s, d in ((0, 2), (2, 0), (1, 4), (4, 1)):
+        (ln,) = topo.path(s, d)
+        assert ln.kind == CIRCUIT_KIND and ln.bandwidth == pytest.approx(
+            (2 if 4 in (s, d) else 1) * 100e9 / 8)
+    for s in range(6):
+        for d in range(6):
+            if {s, d} not in ({0, 2}, {1, 4}):
+                assert [(x.src, x.dst) for x in topo.path(s, d)] == \
+                    [(x.src, x.dst) for x in plain.path(s, d)]
+                assert CIRCUIT_KIND not in {x.kind for x in topo.path(s, d)}
+
+
 def test_fabrics_order_and_cost() -> None:
     spec = dataclasses.replace(load_cluster("johnny"), link_costs={
         "nic": LinkCost(usd=100, usd_per_gbps=10), "uplink": LinkCost(usd_per_gbps=10),
@@ -80,7 +100,6 @@ def test_cluster_link_costs_and_memory_round_trip(tmp_path) -> None:
         cluster_to_dict,
         save_cluster,
     )
-    from tests.helpers import REPO
 
     spec = load_cluster(REPO / "docs/data/traffic/johnny-priced.yaml")
     assert spec.memory_gib == 32 and spec.link_costs["ocs"] == LinkCost(usd=500)
