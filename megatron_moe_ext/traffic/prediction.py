@@ -22,7 +22,7 @@ picked from the prediction equals the one picked from the true counts (``same_se
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ..core.popularity import PreviousIterationPredictor, TransitionPredictor, p
 from ..core.shadow_policy import top_k_shadows
 from .trace import RoutingTrace
 
-__all__ = ["predictor_accuracy", "format_accuracy"]
+__all__ = ["predictor_accuracy", "predictor_accuracies", "format_accuracy"]
 
 
 def predictor_accuracy(trace: RoutingTrace, n_hot: int = 2, shadows: int = 1,
@@ -43,14 +43,24 @@ def predictor_accuracy(trace: RoutingTrace, n_hot: int = 2, shadows: int = 1,
     {name: {layer: {"hot_load_rel_err": mean, "same_set": share, "n": predictions}}}}``;
     ``previous_layer`` is present only when the trace has token choices and >= 2 layers.
     """
+    return predictor_accuracies(trace, (start,), n_hot, shadows, decay)[0]
+
+
+def predictor_accuracies(trace: RoutingTrace, starts: Sequence[int], n_hot: int = 2,
+                         shadows: int = 1, decay: float = 0.9) -> list[dict[str, Any]]:
+    """:func:`predictor_accuracy` for every start of ``starts``, from one pass over the trace."""
     h = trace.header
     if len(trace) < 2:
         raise ValueError(f"a prediction needs >= 2 records; the trace has {len(trace)}")
-    if not 1 <= start < len(trace):
-        raise ValueError(f"start={start} must be in [1, {len(trace) - 1}] for {len(trace)} records")
+    for start in starts:
+        if not 1 <= start < len(trace):
+            raise ValueError(f"start={start} must be in [1, {len(trace) - 1}] for "
+                             f"{len(trace)} records")
+    first = min(starts)
     counts = trace.counts.astype(float)  # [I, L, W, E]
     policy = lambda c: top_k_shadows(c, shadows)  # noqa: E731
-    acc: dict[str, dict[int, list[dict]]] = {"balanced": {}, "previous_iteration": {}}
+    # per predictor and layer: (record, metrics) of every prediction from record `first` on
+    acc: dict[str, dict[int, list[tuple[int, dict]]]] = {"balanced": {}, "previous_iteration": {}}
     has_choices = trace.choices is not None and len(h.layers) > 1
     if has_choices:
         acc["previous_layer"] = {}
@@ -59,30 +69,36 @@ def predictor_accuracy(trace: RoutingTrace, n_hot: int = 2, shadows: int = 1,
     for i in range(len(trace)):
         for pos, layer in enumerate(h.layers):
             true = counts[i, pos]
-            if i >= start:
+            if i >= first:
                 acc["previous_iteration"].setdefault(layer, []).append(
-                    prediction_metrics(prev_it.predict(pos), true, n_hot, policy))
-                acc["balanced"].setdefault(layer, []).append(prediction_metrics(
-                    np.full_like(true, true.sum() / true.size), true, n_hot, policy))
-            if has_choices and pos > 0 and i >= start:
+                    (i, prediction_metrics(prev_it.predict(pos), true, n_hot, policy)))
+                acc["balanced"].setdefault(layer, []).append((i, prediction_metrics(
+                    np.full_like(true, true.sum() / true.size), true, n_hot, policy)))
+            if has_choices and pos > 0 and i >= first:
                 pred = trans.predict(pos - 1, counts[i, pos - 1])
                 if pred is not None:
                     acc["previous_layer"].setdefault(layer, []).append(
-                        prediction_metrics(pred, true, n_hot, policy))
+                        (i, prediction_metrics(pred, true, n_hot, policy)))
         for pos in range(len(h.layers)):
             prev_it.observe(pos, counts[i, pos])
         ch: Optional[np.ndarray] = trace.choices[i] if has_choices else None
         if ch is not None:
             for pos in range(len(h.layers) - 1):
                 trans.observe(pos, ch[pos], ch[pos + 1])
-    out: dict[str, Any] = {"layers": list(h.layers), "n_hot": n_hot, "shadows": shadows,
-                           "records": len(trace), "start": start, "predictors": {}}
-    for name, per_layer in acc.items():
-        out["predictors"][name] = {
-            layer: {"hot_load_rel_err": float(np.mean([m["hot_load_rel_err"] for m in ms])),
-                    "same_set": float(np.mean([m["same_set"] for m in ms])), "n": len(ms)}
-            for layer, ms in per_layer.items()}
-    return out
+    results = []
+    for start in starts:
+        out: dict[str, Any] = {"layers": list(h.layers), "n_hot": n_hot, "shadows": shadows,
+                               "records": len(trace), "start": start, "predictors": {}}
+        for name, per_layer in acc.items():
+            out["predictors"][name] = {}
+            for layer, rows in per_layer.items():
+                ms = [m for i, m in rows if i >= start]
+                if ms:
+                    out["predictors"][name][layer] = {
+                        "hot_load_rel_err": float(np.mean([m["hot_load_rel_err"] for m in ms])),
+                        "same_set": float(np.mean([m["same_set"] for m in ms])), "n": len(ms)}
+        results.append(out)
+    return results
 
 
 def format_accuracy(acc: dict[str, Any]) -> str:

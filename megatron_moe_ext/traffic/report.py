@@ -28,7 +28,7 @@ import numpy as np
 from ..perf.cluster import ClusterSpec
 from ..core.popularity import transition_pairs
 from . import locality as loc
-from .prediction import format_accuracy, predictor_accuracy
+from .prediction import format_accuracy, predictor_accuracies
 from .trace import RoutingTrace
 
 logger = logging.getLogger(__name__)
@@ -178,9 +178,11 @@ def build_report(trace: RoutingTrace, out_dir: str | Path, cluster: Optional[Clu
                 transition_pairs(c[p], c[p + 1], h.num_experts) for c in recs))
             for p in range(len(h.layers) - 1)}
     if len(trace) >= 2:
-        summary["prediction"] = predictor_accuracy(trace)
-        if len(trace) >= 8:  # the second half alone: routing has settled
-            summary["prediction_second_half"] = predictor_accuracy(trace, start=len(trace) // 2)
+        # all records, and with >= 8 the second half alone (routing has settled): one pass
+        accs = predictor_accuracies(trace, (1, len(trace) // 2) if len(trace) >= 8 else (1,))
+        summary["prediction"] = accs[0]
+        if len(accs) > 1:
+            summary["prediction_second_half"] = accs[1]
     fig, axes = plt.subplots(len(h.layers), 1, figsize=(7, 2.4 * len(h.layers)), squeeze=False)
     for ax, pos in zip(axes[:, 0], range(len(h.layers))):
         pop = loc.expert_popularity(trace.counts[:, pos].astype(float))  # [I, E]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from megatron_moe_ext.traffic.prediction import format_accuracy, predictor_accuracy
+from megatron_moe_ext.traffic.prediction import (
+    format_accuracy,
+    predictor_accuracies,
+    predictor_accuracy,
+)
 from megatron_moe_ext.traffic.trace import TraceHeader, read_trace, write_trace
 
 W, E, T = 2, 4, 12  # workers, experts, recorded tokens per worker (top-1)
@@ -70,3 +74,6 @@ def test_a_later_start_scores_only_the_settled_records(tmp_path) -> None:
     assert predictor_accuracy(tr)["predictors"]["previous_iteration"][0]["same_set"] < 1.0
     with pytest.raises(ValueError, match="start=8"):
         predictor_accuracy(tr, start=8)
+    # one pass for several starts gives what separate passes give (the report's two tables)
+    assert predictor_accuracies(tr, (1, 4)) == [predictor_accuracy(tr),
+                                                predictor_accuracy(tr, start=4)]
