@@ -38,8 +38,9 @@ logger = logging.getLogger("gpu_check")
 
 UNVERIFIED = [
     "expert parallelism >= 2 over NCCL (NCCL refuses two ranks on one device): the smart "
-    "schedule's point-to-point ordering, side-stream overlap with real communication, shadow "
-    "weight broadcasts",
+    "schedule's point-to-point ordering, side-stream overlap with real communication, the "
+    "shadow experts' broadcast / reduce trees (core/tree.py; on NCCL issued in order from the "
+    "caller, untested anywhere)",
     "model.transformer_impl: transformer_engine (TE specs, TEGroupedMLP, the te_grouped "
     "shadow-expert layout, TE fusions): Transformer Engine is not installed on the check machine",
     "multi-node runs and the topology-aware gate on a real network",
