@@ -1,4 +1,5 @@
-"""Cluster descriptions: the YAML schema, its loader and writer, and calibration provenance.
+"""Cluster descriptions: the YAML schema, its loader and writer (calibration provenance:
+:mod:`.provenance`, re-exported here).
 
 Notation
 --------
@@ -41,13 +42,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
+
+from .provenance import calibration_note, this_machine  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -457,63 +458,3 @@ def save_cluster(spec: ClusterSpec, path: str | Path, *, comment: str = "") -> N
     if load_cluster(path) != spec:
         raise ClusterSpecError(f"{path}: written file does not load back as the same spec")
     logger.info("wrote cluster %s to %s", spec.name, path)
-
-
-# --------------------------------------------------------------------------------------
-# Calibration provenance
-# --------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    """The CPU model name (/proc/cpuinfo on Linux, platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _machine_id() -> str:
-    """The systemd / dbus machine id, '' when there is none."""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            return Path(path).read_text(encoding="utf-8").strip()
-        except OSError:
-            continue
-    return ""
-
-
-def this_machine() -> dict[str, Any]:
-    """Identity of the current machine in ``calibration`` keys (host, machine_id, cpu,
-    cores), for a calibration tool to record."""
-    return {"host": platform.node(), "machine_id": _machine_id(), "cpu": _cpu_model(),
-            "cores": os.cpu_count() or 0}
-
-
-def calibration_note(spec: ClusterSpec) -> Optional[str]:
-    """A warning when ``spec`` was calibrated on another machine, else None.
-
-    None for descriptions without ``calibration`` (nominal numbers) and for a calibration whose
-    ``machine_id`` is this machine's. Machines of one kind share host names and core counts,
-    so without a machine id a calibration counts as foreign (unless this machine has no id
-    either and host, CPU model and cores all match).
-    """
-    cal = spec.calibration
-    if cal is None:
-        return None
-    here = this_machine()
-    if cal.get("machine_id"):
-        same = str(cal["machine_id"]) == here["machine_id"]
-    else:
-        keys = ("host", "cpu", "cores")
-        same = not here["machine_id"] and all(str(cal.get(k)) == str(here[k]) for k in keys)
-    if same:
-        return None
-    where = ", ".join(f"{k} {cal[k]}" for k in ("host", "cpu", "gpu", "cores", "clock",
-                                                  "date_utc", "tool") if k in cal)
-    return (f"cluster {spec.name!r} was calibrated on another machine ({where or 'unknown'}; "
-            f"this one: host {here['host']}, {here['cores']} cores, cpu {here['cpu']}): its "
-            "predictions may be far off here; run scripts/calibrate.py first")

@@ -8,13 +8,8 @@ import math
 
 import pytest
 
-from megatron_moe_ext.bench.layer import (
-    LayerBenchOptions,
-    bounds,
-    format_table,
-    layer_overrides,
-    predict,
-)
+from megatron_moe_ext.bench.bounds import bounds
+from megatron_moe_ext.bench.layer import LayerBenchOptions, format_table, layer_overrides, predict
 from megatron_moe_ext.bench.validate import ValidateOptions, bench_options, configurations
 from megatron_moe_ext.bench.validate_report import summarize
 from megatron_moe_ext.routing import zipf_counts
