@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -113,6 +113,8 @@ class _Prepared:
     nodes: int
     nic: float
     ocs: float
+    base: ClusterSpec
+    """The oversubscribed tree (:func:`..traffic.fabric.tree_fabric`) the circuits are added to."""
     plans: dict[str, list[CircuitWindow]]
     pred_s: dict[str, list[float]]
     """Predicted cluster seconds per fabric and window (:func:`..traffic.fabric.window_comm_s`)."""
@@ -134,7 +136,7 @@ def _prepare(s: ReconfSetup) -> _Prepared:
     base = tree_fabric(s.cluster, W, nic, s.oversub, rack_nodes=1)
     plans = make_plans(recs, h.ep_size, s)
     pred = {name: window_comm_s(recs, plans[name], base, ocs, h.ep_size, H) for name in FABRICS}
-    return _Prepared(recs, h.ep_size, H, W, W // m, nic, ocs, plans, pred)
+    return _Prepared(recs, h.ep_size, H, W, W // m, nic, ocs, base, plans, pred)
 
 
 def predict(s: ReconfSetup) -> dict:
@@ -143,7 +145,7 @@ def predict(s: ReconfSetup) -> dict:
     return _record(s, _prepare(s), None, None, {})
 
 
-def _record(s: ReconfSetup, p: _Prepared, fab: Optional[object], measured: Optional[dict],
+def _record(s: ReconfSetup, p: _Prepared, fab: Optional[Any], measured: Optional[dict],
             reconfig_s: dict, wall: Optional[float] = None) -> dict:
     rows = []
     for f, name in enumerate(FABRICS):
@@ -167,8 +169,7 @@ def run_experiment(s: ReconfSetup) -> dict:
     fabric and window, see :func:`format_table`)."""
     p = _prepare(s)
     recs, plans, H = p.recs, p.plans, p.H
-    fab = circuit_fabric(tree_fabric(s.cluster, p.W, p.nic, s.oversub, rack_nodes=1),
-                         s.cluster, p.nodes, p.ocs, s.scale)
+    fab = circuit_fabric(p.base, s.cluster, p.nodes, p.ocs, s.scale)
     calls = [[np.rint(traffic_matrix(c, p.ep_size)).astype(int).tolist() for c in rec]
              for rec in recs]
     with tempfile.TemporaryDirectory(prefix="mmx-reconf-") as tmp:
