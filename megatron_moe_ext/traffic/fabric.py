@@ -22,7 +22,8 @@ nodes of the cluster keep their internal links (vertex ``pcie0`` of node r becom
   and each region's ports are given to its heaviest pairs of workers on different nodes
   (greedy, a pair may get several circuits) on the traffic of the
   previous R iterations (the first window uses its own); each reconfiguration costs
-  ``delay_ms``, charged once per window.
+  ``delay_ms``, charged once per window. A circuit carries only its own pair's traffic
+  (:data:`..perf.topology.CIRCUIT_KIND`: no relaying through another worker's circuit).
 
 A layer call is predicted with :func:`perf.model.predict_layer` (sync schedule) on the per-
 micro-batch counts; G EP groups run at once on the shared fabric, modelled as G * E experts
