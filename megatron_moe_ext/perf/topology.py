@@ -226,11 +226,10 @@ class Topology:
             for v, (label, path) in cand.items():
                 best[v], via[v] = label, path
             frontier = sorted(cand)
-        for ln in self._adj[src]:
-            if ln.kind == CIRCUIT_KIND:
-                old = via.get(ln.dst)
-                if old is None or (1, -ln.bandwidth) < (len(old), -min(x.bandwidth for x in old)):
-                    via[ln.dst] = (ln,)
+        for ln in self._adj[src]:  # a circuit wins its own pair on (hops, -bottleneck)
+            if ln.kind == CIRCUIT_KIND and (ln.dst not in best
+                                            or (1, -ln.bandwidth) < best[ln.dst][:2]):
+                via[ln.dst] = (ln,)
         self._trees[src_worker] = via
         return via
 
