@@ -23,9 +23,25 @@ NODE_IF = "eth0"
 MEMORY_KINDS = frozenset({"loopback", "memory", "shm", "local"})
 """Intra-node link kinds that already are memory: no rate limit on ``lo``."""
 
-TBF_LATENCY_MS = 10
-"""tbf queue length, in ms at the limited rate (a shallow, switch-like buffer; at 10 ms
-bulk TCP transfers saw no drops, at 2 ms they did)."""
+TBF_LATENCY_MS = 100
+"""tbf queue length, in ms at the limited rate. InfiniBand and NVLink do not drop (credit-based
+flow control), so neither should the emulated links. With 10 ms queues (the value until
+2026-12-03; enough for one bulk TCP transfer) the 8 workers behind a johnny NIC or bus dropped
+1-17 % of their packets, and a lost packet costs a 200 ms retransmission timeout: MoE-GPT-L's
+smart schedule measured 1.34-1.38x the model and sync 1.14-1.16x. At 100 ms about 1 % of the
+NIC's packets drop and they measure 1.22-1.27x / 1.09-1.11x; at 200-400 ms the queueing delay
+slows the smart schedule's short steps again (1.27-1.33x). docs/emulation.md, "tbf parameters"."""
+
+TBF_MIN_QUEUE_BYTES = 1 << 20
+"""Floor of the tbf queue in bytes. At the rates of a strongly dilated lab (trevor at scale
+1e-4: a 6.2 Mbit/s NIC behind which 4 workers hold 240 connections) 100 ms is 77 KB, and the
+drops made gloo's connections time out. 1 MiB leaves johnny at scale 0.002 as it is (its NIC
+queue is 1.25 MB)."""
+
+NAMESPACE_SYSCTLS = {"net.ipv4.tcp_slow_start_after_idle": "0"}
+"""Set in every emulated namespace. An RDMA queue pair sends at line rate after an idle gap;
+Linux TCP by default shrinks a connection's window back to its initial size after one RTO idle,
+so each of the smart schedule's steps (a pair talks once per step) restarted in slow start."""
 
 TBF_BURST_S = 1e-3
 """tbf bucket size, in seconds at the limited rate (at least :data:`_MIN_BURST`)."""
@@ -106,6 +122,9 @@ class EmulatedLink:
     """(namespace label, device) pairs that get a tbf on egress; label ``node<k>`` or ``sw``."""
     delay_ms: float = 0.0
     """netem delay added on the first device (0: none)."""
+    connections: int = 0
+    """TCP connections that cross the link (one per worker pair of a process group); its
+    queue holds an initial window of each (:func:`queue_limit_bytes`)."""
 
     @property
     def rate_mbit(self) -> float:
@@ -221,7 +240,8 @@ def plan_links(
         nic_gbps = node_nic_gbps(spec, workers_per_node)
         for k in range(nodes):
             links.append(EmulatedLink(f"node{k}.nic", "nic", nic_gbps, scale,
-                                      ((f"node{k}", NODE_IF), ("sw", f"p{k}")), delay_ms))
+                                      ((f"node{k}", NODE_IF), ("sw", f"p{k}")), delay_ms,
+                                      workers_per_node ** 2 * (nodes - 1)))
     if workers_per_node > 1 and intra_limit:
         intra = intra_node_link(spec)
         if intra is not None and not intra.memory:
@@ -244,7 +264,25 @@ def burst_bytes(rate_bytes: float, dev: str) -> int:
     return max(_MIN_BURST.get(dev, _DEFAULT_MIN_BURST), int(rate_bytes * TBF_BURST_S))
 
 
-def tbf_args(rate_bytes: float, dev: str) -> list[str]:
-    """``tbf rate .. burst .. latency ..`` for a rate in bytes/s on ``dev``."""
+_MAX_LIMIT = 1 << 30
+"""tc takes a 32-bit ``limit``; a floor run's links (10x the NIC) would ask for more."""
+
+
+TCP_INITIAL_WINDOW_BYTES = 10 * 1448
+"""Linux's initial congestion window (10 segments) at a 1500-byte MTU."""
+
+
+def queue_limit_bytes(rate_bytes: float, dev: str, connections: int = 0) -> int:
+    """tbf ``limit`` of a rate on ``dev``: :data:`TBF_LATENCY_MS` at the rate, at least
+    :data:`TBF_MIN_QUEUE_BYTES` and an initial window of each of ``connections``, plus the
+    bucket (tc's own ``latency`` rule, floored), at most 1 GiB."""
+    queue = max(rate_bytes * TBF_LATENCY_MS / 1e3, TBF_MIN_QUEUE_BYTES,
+                connections * TCP_INITIAL_WINDOW_BYTES)
+    return min(int(queue) + burst_bytes(rate_bytes, dev), _MAX_LIMIT)
+
+
+def tbf_args(rate_bytes: float, dev: str, connections: int = 0) -> list[str]:
+    """``tbf rate .. burst .. limit ..`` for a rate in bytes/s on ``dev``."""
     return ["tbf", "rate", f"{rate_kbit(rate_bytes)}kbit", "burst",
-            str(burst_bytes(rate_bytes, dev)), "latency", f"{TBF_LATENCY_MS}ms"]
+            str(burst_bytes(rate_bytes, dev)), "limit",
+            str(queue_limit_bytes(rate_bytes, dev, connections))]

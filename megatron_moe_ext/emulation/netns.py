@@ -49,6 +49,7 @@ from ..perf.topology import ClusterSpec
 from .links import (  # noqa: F401 -- used here and re-exported
     INTRA_BUS_MODES,
     MEMORY_KINDS,
+    NAMESPACE_SYSCTLS,
     NODE_IF,
     TBF_BURST_S,
     TBF_LATENCY_MS,
@@ -76,12 +77,12 @@ from .namespaces import (  # noqa: F401 -- used here and re-exported
 )
 
 __all__ = [
-    "BRIDGE", "INTRA_BUS_MODES", "MAX_NODES", "MEMORY_KINDS", "NODE_IF", "NS_RE", "PREFIX",
-    "REPO", "SUBNET", "TBF_BURST_S", "TBF_LATENCY_MS", "EmulatedCluster", "EmulatedLink",
-    "EmulationError", "EmulationUnavailable", "IntraNodeLink", "NodeRef", "auto_scale",
-    "check_prerequisites", "cleanup", "intra_node_aggregate_gbps", "intra_node_link",
-    "list_namespaces", "measure_local_gemm_tflops", "netem_available", "node_nic_gbps",
-    "plan_links", "tbf_args",
+    "BRIDGE", "INTRA_BUS_MODES", "MAX_NODES", "MEMORY_KINDS", "NAMESPACE_SYSCTLS", "NODE_IF",
+    "NS_RE", "PREFIX", "REPO", "SUBNET", "TBF_BURST_S", "TBF_LATENCY_MS", "EmulatedCluster",
+    "EmulatedLink", "EmulationError", "EmulationUnavailable", "IntraNodeLink", "NodeRef",
+    "auto_scale", "check_prerequisites", "cleanup", "intra_node_aggregate_gbps",
+    "intra_node_link", "list_namespaces", "measure_local_gemm_tflops", "netem_available",
+    "node_nic_gbps", "plan_links", "tbf_args",
 ]
 
 logger = logging.getLogger(__name__)
@@ -230,6 +231,8 @@ class EmulatedCluster:
         self._sh(["ip", "netns", "add", ns])
         self._created.append(ns)
         self._sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        for key, value in NAMESPACE_SYSCTLS.items():
+            self._sh(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"])
 
     def _add_bridge_namespace(self, ns: str) -> None:
         """A new namespace holding bridge ``BRIDGE``, up."""
@@ -259,7 +262,7 @@ class EmulatedCluster:
                 ns = self.namespace(label)
                 tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
                 if i == 0 and link.delay_ms > 0:
-                    self._sh(tc + ["root", "handle", "1:"] + tbf_args(link.rate_bytes, dev))
+                    self._sh(tc + ["root", "handle", "1:"] + tbf_args(link.rate_bytes, dev, link.connections))
                     proc = self._sh(tc + ["parent", "1:1", "handle", "10:", "netem", "delay",
                                           f"{link.delay_ms:g}ms", "limit", "100000"], check=False)
                     if proc.returncode != 0:
@@ -267,7 +270,7 @@ class EmulatedCluster:
                             f"--delay-ms needs the netem qdisc, which this kernel lacks "
                             f"(CONFIG_NET_SCH_NETEM): {proc.stderr.strip()}")
                 else:
-                    self._sh(tc + ["root"] + tbf_args(link.rate_bytes, dev))
+                    self._sh(tc + ["root"] + tbf_args(link.rate_bytes, dev, link.connections))
 
     def __enter__(self) -> "EmulatedCluster":
         """Create namespaces, bridge, veths and qdiscs; on any failure remove them again."""

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..bench.stats import median
+from ..emulation.links import TBF_LATENCY_MS
 from .setup import emulator_scale
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def common_record(cfg, topo, world, local_world, dil, dil_source, sleep_req, sle
     res["lab"] = {
         "dilation": dil, "dilation_source": dil_source,
         "emulator_scale": emulator_scale(),
+        "emulator_queue_ms": TBF_LATENCY_MS if emulator_scale() is not None else None,
         "sleep_requested_s": sleep_req, "sleep_actual_s": sleep_act,
         "oversleep_fraction": (sleep_act - sleep_req) / sleep_req if sleep_req > 0 else None,
         "note": "the lab's own cost per layer call is the floor (compute zero, links "

@@ -26,6 +26,15 @@ from megatron_moe_ext.emulation import (
     netem_available,
     plan_links,
 )
+from megatron_moe_ext.emulation.links import (
+    NAMESPACE_SYSCTLS,
+    TBF_LATENCY_MS,
+    TBF_MIN_QUEUE_BYTES,
+    TCP_INITIAL_WINDOW_BYTES,
+    burst_bytes,
+    queue_limit_bytes,
+    tbf_args,
+)
 from megatron_moe_ext.perf.topology import cluster_spec_from_dict, load_cluster
 from tests.helpers import REPO
 
@@ -119,6 +128,21 @@ def test_scale_rule():
     assert 1e-4 < tflops < 100
 
 
+def test_tbf_queue_is_deep_and_floored():
+    fast, slow = 200e6 / 8, 6.2e6 / 8  # bytes/s: a 200 Mbit/s link, trevor's NIC at 1e-4
+    burst = burst_bytes(fast, "eth0")
+    assert queue_limit_bytes(fast, "eth0") == int(fast * TBF_LATENCY_MS / 1e3) + burst
+    assert queue_limit_bytes(slow, "eth0") == TBF_MIN_QUEUE_BYTES + burst_bytes(slow, "eth0")
+    assert queue_limit_bytes(500e9 / 8, "eth0") == 1 << 30  # a floor run's 10x NIC: tc's u32
+    # trevor 16 x 4: 4 x 4 x 15 = 240 connections cross a NIC, each with its initial window
+    nic = plan_links(load_cluster("trevor"), 1e-4, 16, 4)[0]
+    assert nic.kind == "nic" and nic.connections == 240
+    assert queue_limit_bytes(slow, "eth0", nic.connections) == (
+        240 * TCP_INITIAL_WINDOW_BYTES + burst_bytes(slow, "eth0"))
+    args = tbf_args(fast, "eth0")
+    assert args[args.index("limit") + 1] == str(queue_limit_bytes(fast, "eth0"))
+
+
 def test_dry_run_creates_nothing():
     before = _ours(_netns()) if _REASON is None else set()
     proc = _cli(["--cluster", "johnny", "--scale", "0.005", "--nodes", "2",
@@ -158,6 +182,12 @@ def test_namespaces_and_links_appear_and_disappear():
         assert "tbf" in cl.exec_in(1, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
         assert "200Mbit" in cl.exec_in("sw", ["tc", "qdisc", "show", "dev", "p1"]).stdout
         assert "400Mbit" in cl.exec_in(0, ["tc", "qdisc", "show", "dev", "lo"]).stdout
+        # lossless-fabric stand-ins: a deep queue, and no slow start after an idle gap
+        assert f"lat {TBF_LATENCY_MS}ms" in cl.exec_in(1, ["tc", "qdisc", "show", "dev",
+                                                          "eth0"]).stdout
+        for node in ("sw", 0, 2):
+            for key, value in NAMESPACE_SYSCTLS.items():
+                assert cl.exec_in(node, ["sysctl", "-n", key]).stdout.strip() == value
         bridge = cl.exec_in("sw", ["ip", "link", "show", "master", "br0"]).stdout
         assert all(f"p{k}@" in bridge for k in range(3))
         assert "10.77.0.1" not in subprocess.run(["ip", "-4", "addr"], capture_output=True,
