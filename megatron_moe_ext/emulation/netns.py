@@ -261,8 +261,9 @@ class EmulatedCluster:
             for i, (label, dev) in enumerate(link.devices):
                 ns = self.namespace(label)
                 tc = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev]
+                tbf = tbf_args(link.rate_bytes, dev, link.connections)
                 if i == 0 and link.delay_ms > 0:
-                    self._sh(tc + ["root", "handle", "1:"] + tbf_args(link.rate_bytes, dev, link.connections))
+                    self._sh(tc + ["root", "handle", "1:"] + tbf)
                     proc = self._sh(tc + ["parent", "1:1", "handle", "10:", "netem", "delay",
                                           f"{link.delay_ms:g}ms", "limit", "100000"], check=False)
                     if proc.returncode != 0:
@@ -270,7 +271,7 @@ class EmulatedCluster:
                             f"--delay-ms needs the netem qdisc, which this kernel lacks "
                             f"(CONFIG_NET_SCH_NETEM): {proc.stderr.strip()}")
                 else:
-                    self._sh(tc + ["root"] + tbf_args(link.rate_bytes, dev, link.connections))
+                    self._sh(tc + ["root"] + tbf)
 
     def __enter__(self) -> "EmulatedCluster":
         """Create namespaces, bridge, veths and qdiscs; on any failure remove them again."""
