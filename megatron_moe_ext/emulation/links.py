@@ -25,12 +25,10 @@ MEMORY_KINDS = frozenset({"loopback", "memory", "shm", "local"})
 
 TBF_LATENCY_MS = 100
 """tbf queue length, in ms at the limited rate. InfiniBand and NVLink do not drop (credit-based
-flow control), so neither should the emulated links. With 10 ms queues (the value until
-2026-12-03; enough for one bulk TCP transfer) the 8 workers behind a johnny NIC or bus dropped
-1-17 % of their packets, and a lost packet costs a 200 ms retransmission timeout: MoE-GPT-L's
-smart schedule measured 1.34-1.38x the model and sync 1.14-1.16x. At 100 ms about 1 % of the
-NIC's packets drop and they measure 1.22-1.27x / 1.09-1.11x; at 200-400 ms the queueing delay
-slows the smart schedule's short steps again (1.27-1.33x). docs/emulation.md, "tbf parameters"."""
+flow control), so neither should the emulated links: 10 ms queues (the value until 2026-12-03)
+dropped 1-17 % of the packets of 8 workers behind one johnny NIC or bus, and deeper ones than
+100 ms slowed the smart schedule's short steps with queueing delay. The measured sweep is in
+docs/emulation.md, "tbf parameters"."""
 
 TBF_MIN_QUEUE_BYTES = 1 << 20
 """Floor of the tbf queue in bytes. At the rates of a strongly dilated lab (trevor at scale
