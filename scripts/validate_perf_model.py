@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure nothing: validate against the scale lab's result JSONs "
                         "(megatron_moe_ext/lab; points whose floor is >= 10 %% are left out), "
                         "R^2 per worker count")
+    p.add_argument("--repredict", action="store_true",
+                   help="with --from-lab: compare with today's performance model (recomputed "
+                        "from each file's config and recorded shadows) instead of the "
+                        "prediction stored in the file")
     p.add_argument("--from-json", metavar="PATH",
                    help="measure nothing: reprint the table and redraw --out-png from the JSON "
                         "of an earlier run")
@@ -123,7 +127,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
     args = p.parse_args(argv)
     if args.from_lab:
         p.error("--from-lab is handled by main()")
-    values = {k: v for k, v in vars(args).items() if k != "from_lab"}
+    if args.repredict:
+        p.error("--repredict needs --from-lab")
+    values = {k: v for k, v in vars(args).items() if k not in ("from_lab", "repredict")}
     try:
         return ValidateOptions(**values)
     except ValueError as exc:
@@ -136,7 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_lab:  # the scale lab's JSONs as the measurements (megatron_moe_ext/lab)
         from megatron_moe_ext.lab.validate import validate_lab
 
-        validate_lab(args.from_lab, args.out_png, args.json)
+        try:
+            validate_lab(args.from_lab, args.out_png, args.json, repredict_model=args.repredict)
+        except ValueError as exc:
+            build_parser().error(str(exc))
         return 0
     return run(parse_args(argv))
 

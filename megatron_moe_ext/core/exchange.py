@@ -21,6 +21,9 @@ Forward on one rank (comm and compute overlap; waits happen only when data is ne
         issue R_j                      # return outputs of C_j, receive own outputs of S_j
     wait R_*
 
+(the issue order S_0, S_1, R_0, S_2, R_1, ... is :func:`.plan.pipeline_order`, which the
+performance model prices too).
+
 One driver (:func:`_run_pipeline`) runs this loop for forward and backward; each direction
 supplies its issue_s / compute / issue_r. The shadow chunks are addressed by offset in the
 expert-sorted ``tokens`` (:attr:`ExchangePlan.shadow_chunks`) and write their outputs straight
@@ -48,7 +51,7 @@ import torch.distributed as dist
 
 from .comm import P2PComm as _Comm
 from .comm_priority import exchange_in_flight
-from .plan import ExchangePlan, RecvChunk, SendSlice, ShadowChunk, build_plan
+from .plan import ExchangePlan, RecvChunk, SendSlice, ShadowChunk, build_plan, pipeline_order
 from .trace import Tracer
 
 logger = logging.getLogger(__name__)
@@ -191,23 +194,25 @@ def _check_rows(y: torch.Tensor, rows: int, what: str) -> None:
 
 def _run_pipeline(comm: _Comm, num_steps: int, issue_s: Callable, compute: Callable,
                   issue_r: Callable, local: Callable[[], None] | None = None) -> None:
-    """The one schedule loop of forward and backward.
+    """The one schedule loop of forward and backward: walks :func:`.plan.pipeline_order`.
 
     ``issue_s(j) -> (op, data)`` posts step j's sends / receives, ``compute(j, data)`` runs
-    C_j once S_j arrived, ``issue_r(j, results)`` posts the returns of step j. S_{j+1} is in
-    flight while C_j runs; ``local()`` (the shadow chunks) runs at step 0 after S_0 and S_1
-    were posted, before waiting for S_0. Returns once every posted message completed.
+    C_j once S_j arrived, ``issue_r(j, results)`` posts the returns of step j (so an R in
+    the order is: wait S_j, C_j, post R_j). S_{j+1} is in flight while C_j runs; ``local()``
+    (the shadow chunks) runs before the first compute, after S_0 and S_1 were posted.
+    Returns once every posted message completed.
     """
-    pending = issue_s(0)
-    for j in range(num_steps):
-        nxt = issue_s(j + 1) if j + 1 < num_steps else None
+    pending: dict[int, Any] = {}
+    for kind, j in pipeline_order(num_steps):
+        if kind == "S":
+            pending[j] = issue_s(j)
+            continue
         if j == 0 and local is not None:
             local()
-        op, data = pending
+        op, data = pending.pop(j)
         op.wait(comm.tracer)
         issue_r(j, compute(j, data))
         comm.poll()
-        pending = nxt
     comm.wait_all()
 
 

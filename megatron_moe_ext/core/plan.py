@@ -48,6 +48,8 @@ __all__ = [
     "ring_groups",
     "step_matrix",
     "validate_group_size",
+    "pipeline_order",
+    "PipelineOp",
     "counts_to_lists",
 ]
 
@@ -226,6 +228,35 @@ def step_matrix(
                 for w in groups[send_g]:
                     steps[i][w] = j
     return steps
+
+
+class PipelineOp(NamedTuple):
+    """One communication operation of the pipeline: ``kind`` ``"S"`` (step ``step``'s input
+    tokens go out) or ``"R"`` (its outputs come back; needs C_step, the step's compute)."""
+
+    kind: str
+    step: int
+
+
+def pipeline_order(num_steps: int) -> tuple[PipelineOp, ...]:
+    """The order in which one rank issues the pipeline's communication, forward and backward
+    alike: S_0, S_1, R_0, S_2, R_1, ..., S_{n-1}, R_{n-2}, R_{n-1}.
+
+    S_{j+1} goes out before C_j starts (one step of look-ahead), R_j right after C_j, and C_j
+    waits for S_j. The executor (:func:`megatron_moe_ext.core.exchange._run_pipeline`) walks
+    this order, and the performance model
+    (:func:`megatron_moe_ext.perf.model.simulate_two_stream`) prices it as one FIFO comm
+    stream beside the compute stream. S_{j+2} is issued after R_j, hence after C_j ends: a
+    send cannot run further ahead of the compute than one step.
+    """
+    if num_steps < 1:
+        return ()
+    order = [PipelineOp("S", 0)] + ([PipelineOp("S", 1)] if num_steps > 1 else [])
+    for j in range(num_steps):
+        order.append(PipelineOp("R", j))
+        if j + 2 < num_steps:
+            order.append(PipelineOp("S", j + 2))
+    return tuple(order)
 
 
 def counts_to_lists(counts: Any) -> list[list[int]]:

@@ -6,6 +6,9 @@ worker count.
 Notation: W workers; measured = lab fwd+bwd / D (cluster seconds), predicted =
 perf.model.predict_layer of the same routing (what the lab JSON holds); floor = the same
 configuration's compute-zero time (``<name>_floor.json`` next to it, or ``lab.floor``).
+With ``repredict`` the prediction is recomputed by today's model (:func:`repredict`) from the
+file's configuration and the shadows it recorded, so that measurements taken before a model
+change are compared with the model as it is now.
 """
 
 from __future__ import annotations
@@ -14,10 +17,65 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from ..bench.stats import r_squared
 from ..bench.validate_report import format_table, plot, summarize
 
-__all__ = ["lab_rows", "validate_lab"]
+__all__ = ["lab_rows", "validate_lab", "repredict"]
+
+REPREDICTABLE_IMPLS = ("megatron", "fastermoe")
+"""Implementations whose per-iteration prediction is a function of the config alone (the
+prefetch and balanced-baseline runs depend on state the JSON does not hold)."""
+
+
+def _shadow_sets(doc: dict, iters: int, where: str) -> list[list[int]]:
+    """The shadow set of each timed iteration, from the recorded distinct sets (first-seen
+    order) and their counts: one set for all, or one distinct set per iteration."""
+    sets, counts = doc.get("shadows") or [[]], doc.get("shadow_set_counts") or [iters]
+    if len(sets) == 1:
+        return [list(sets[0])] * iters
+    if len(sets) == iters and all(c == 1 for c in counts):
+        return [list(s) for s in sets]
+    raise ValueError(f"{where}: shadow sets {sets} x {counts} do not say which iteration used "
+                     "which set; this file cannot be re-predicted")
+
+
+def repredict(doc: dict, where: str = "lab JSON") -> dict[str, float]:
+    """Median over the timed iterations of today's :func:`.setup.predict` for each
+    implementation of a lab result (cluster seconds), from its config and recorded shadows:
+    the same inputs the run gave the model (:func:`.run.bench_layer`)."""
+    from .setup import lab_counts, lab_topology, predict, score_counts
+
+    cfg = doc["config"]
+    if cfg.get("iteration") or cfg.get("prefetch", "none") != "none":
+        raise ValueError(f"{where}: iteration-mode and prefetch runs cannot be re-predicted")
+    world = int(doc["cluster"]["workers"])
+    local = cfg.get("local_world_size") if (doc.get("lab") or {}).get("emulator_scale") else None
+    topo = lab_topology(cfg["cluster"], world, local)
+    iters, warmup = int(cfg["iters"]), int(cfg["warmup"])
+    shadows = _shadow_sets(doc, iters, where)
+    out: dict[str, float] = {}
+    for impl in doc["impls"]:
+        if impl not in REPREDICTABLE_IMPLS:
+            raise ValueError(f"{where}: implementation {impl!r} cannot be re-predicted "
+                             f"(only {', '.join(REPREDICTABLE_IMPLS)})")
+        smart = impl == "fastermoe"
+        preds = []
+        for k, it in enumerate(range(warmup, warmup + iters)):
+            if cfg["routing"] == "scores":
+                rows = score_counts(topo, cfg["experts"], cfg["tokens"], cfg["topk"],
+                                    cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
+                                    cfg["gate"])
+            else:
+                rows = lab_counts(world, cfg["experts"], cfg["tokens"], cfg["topk"],
+                                  cfg["skew"], cfg["seed"], it, cfg["vary_routing"])
+            preds.append(predict(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
+                                 "smart" if smart else "sync",
+                                 min(cfg["group_size"], world) if smart else 1,
+                                 shadows[k] if smart else []).total_s)
+        out[impl] = float(np.median(preds))
+    return out
 
 
 def _floor_of(path: Path, doc: dict, impl: str) -> Optional[float]:
@@ -27,9 +85,10 @@ def _floor_of(path: Path, doc: dict, impl: str) -> Optional[float]:
     return ((doc.get("lab") or {}).get("floor") or {}).get(impl, {}).get("fwd_bwd_s")
 
 
-def lab_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False) -> list[dict[str, Any]]:
     """Validation rows of lab result files (directories are searched for ``*.json``; floor
-    files and emulated-less runs are skipped)."""
+    files and emulated-less runs are skipped). ``repredict_model``: ``predicted_s`` from
+    :func:`repredict` (the recorded one stays in ``predicted_recorded_s``)."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
@@ -41,6 +100,7 @@ def lab_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         if doc.get("mode") != "emulated" or "impls" not in doc:
             continue
         cfg = doc["config"]
+        now = repredict(doc, str(f)) if repredict_model else {}
         for impl, v in doc["impls"].items():
             floor = _floor_of(f, doc, impl)
             rows.append({
@@ -48,17 +108,21 @@ def lab_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
                 "cluster": doc["cluster"]["name"], "hidden": cfg["hidden"], "ffn": cfg["ffn"],
                 "tokens": cfg["tokens"], "skew": cfg["skew"], "imbalance": 1.0,
                 "group_size": cfg["group_size"], "shadows": doc.get("shadows"),
-                "measured_s": v["cluster_fwd_bwd_s"], "predicted_s": v["predicted_fwd_bwd_s"],
+                "measured_s": v["cluster_fwd_bwd_s"],
+                "predicted_s": now.get(impl, v["predicted_fwd_bwd_s"]),
+                "predicted_recorded_s": v["predicted_fwd_bwd_s"],
                 "floor_fraction": floor / v["fwd_bwd_s"] if floor else None,
                 "clock": "wall", "load": doc["machine"]["loadavg_1min_start"]})
     return rows
 
 
 def validate_lab(paths: Sequence[str | Path], out_png: Optional[str] = None,
-                 json_path: Optional[str] = None, floor_limit: float = 0.10) -> dict[str, Any]:
+                 json_path: Optional[str] = None, floor_limit: float = 0.10,
+                 repredict_model: bool = False) -> dict[str, Any]:
     """Statistics over the lab points whose floor is known and under ``floor_limit``; prints
-    the table, draws ``out_png``, writes ``json_path``; returns the summary."""
-    rows = lab_rows(paths)
+    the table, draws ``out_png``, writes ``json_path``; returns the summary.
+    ``repredict_model``: compare with today's model (:func:`repredict`)."""
+    rows = lab_rows(paths, repredict_model)
     valid = [r for r in rows if r["floor_fraction"] is not None
              and r["floor_fraction"] < floor_limit]
     summary = summarize(valid) if valid else {"points": 0, "r2": float("nan")}
@@ -77,5 +141,6 @@ def validate_lab(paths: Sequence[str | Path], out_png: Optional[str] = None,
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"summary": summary, "rows": rows,
-                                               "source": "scale lab"}, indent=1))
+                                               "source": "scale lab",
+                                               "repredicted": repredict_model}, indent=1))
     return summary

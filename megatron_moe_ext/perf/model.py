@@ -28,7 +28,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from ..core.plan import step_matrix, validate_group_size
+from ..core.plan import pipeline_order, step_matrix, validate_group_size
 from ..core.tree import TreeSteps, broadcast_steps, reduce_steps
 from .topology import GemmThroughput, Topology
 
@@ -176,27 +176,36 @@ def smart_schedule_bound(a2a: float, comp: float) -> float:
 
 def simulate_two_stream(send: Sequence[float], comp: Sequence[float],
                         ret: Sequence[float]) -> float:
-    """Makespan of the two-stream pipeline.
+    """Makespan of the two-stream pipeline the executor runs.
 
-    Comm stream runs S_0..S_{n-1} then R_0..R_{n-1}; compute stream runs C_0..C_{n-1};
-    C_j starts after S_j, R_j after C_j.
+    The comm stream runs the operations one after another in
+    :func:`megatron_moe_ext.core.plan.pipeline_order` (S_0, S_1, R_0, S_2, R_1, ...); the
+    compute stream runs C_0..C_{n-1}; C_j starts after S_j and C_{j-1}, R_j after C_j. So a
+    send runs at most one step ahead of the compute (S_{j+2} queues behind R_j). Until
+    2026-12-04 the model let the comm stream run every S before any R (the FasterMoE
+    artifact's simulator), which the executor never did.
     """
     n = len(send)
-    s_end = np.cumsum(np.asarray(send, dtype=float))
-    c_end = np.zeros(n)
-    t = 0.0
-    for j in range(n):
-        t = max(t, s_end[j]) + comp[j]
-        c_end[j] = t
-    r = s_end[-1] if n else 0.0
-    for j in range(n):
-        r = max(r, c_end[j]) + ret[j]
-    return float(r)
+    s_end, c_end = np.zeros(n), np.zeros(n)
+    t = host = 0.0
+    computed = 0
+    for kind, j in pipeline_order(n):
+        if kind == "S":
+            t += send[j]
+            s_end[j] = t
+            continue
+        while computed <= j:  # C_k needs S_k; computes run in order
+            host = max(host, s_end[computed]) + comp[computed]
+            c_end[computed] = host
+            computed += 1
+        t = max(t, c_end[j]) + ret[j]
+    return float(t)
 
 
 def smart_symmetric_time(a: float, c: float, n: int) -> float:
     """Closed form of :func:`simulate_two_stream` when all n steps cost a (comm) and c
-    (compute): max(2 n a, 2 a + n c)."""
+    (compute), for c <= a or c >= 2a: max(2 n a, 2 a + n c). (Between, the stream's R_j,
+    S_{j+2} pairs and the compute alternate in a way without a short form.)"""
     return max(2 * n * a, 2 * a + n * c)
 
 

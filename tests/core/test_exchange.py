@@ -390,3 +390,51 @@ def test_shadow_chunks_run_at_step_zero_while_sends_fly(results_w4):
             assert by_name[f"{pre}S1"]["ts"] <= sh["ts"], f"rank {rank}: {pre}S1 not in flight"
             assert sh["ts"] + sh["dur"] <= c0["ts"] + 1.0, f"rank {rank}: {pre}C0 before shadows"
             assert sh["cat"] == "compute"
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+def test_pipeline_driver_walks_the_plan_order(n: int) -> None:
+    """The executor's loop issues communication exactly in core.plan.pipeline_order (the
+    order the performance model prices), computes C_j after S_j was waited for, and runs the
+    shadow chunks before the first compute."""
+    from megatron_moe_ext.core.exchange import _run_pipeline
+    from megatron_moe_ext.core.plan import pipeline_order
+
+    log: list[tuple[str, int]] = []
+
+    class Op:
+        def __init__(self, j: int) -> None:
+            self.j = j
+
+        def wait(self, tracer) -> None:
+            log.append(("wait", self.j))
+
+    class Comm:
+        tracer = None
+
+        def poll(self) -> None:
+            pass
+
+        def wait_all(self) -> None:
+            log.append(("wait_all", -1))
+
+    def issue_s(j):
+        log.append(("S", j))
+        return Op(j), f"data{j}"
+
+    def compute(j, data):
+        assert data == f"data{j}"
+        log.append(("C", j))
+        return j
+
+    def issue_r(j, result):
+        assert result == j
+        log.append(("R", j))
+
+    _run_pipeline(Comm(), n, issue_s, compute, issue_r, local=lambda: log.append(("local", 0)))
+    issued = [e for e in log if e[0] in ("S", "R")]
+    assert issued == [tuple(op) for op in pipeline_order(n)]
+    for j in range(n):
+        assert log.index(("wait", j)) < log.index(("C", j)) < log.index(("R", j))
+    assert log.index(("local", 0)) < log.index(("C", 0))
+    assert log[-1] == ("wait_all", -1)

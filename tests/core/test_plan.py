@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_moe_ext.core.plan import (
+    pipeline_order,
     ExchangePlan,
     RecvChunk,
     SendSlice,
@@ -248,3 +249,21 @@ def test_shadow_in_the_middle_splits_the_slice() -> None:
 def test_bad_shadow_ids() -> None:
     with pytest.raises(ValueError, match="shadow ids"):
         build_plan(np.ones((2, 4), dtype=int), 0, 2, 1, shadows=[4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_pipeline_order(n: int) -> None:
+    """Each S and R once; S_j before R_j; S_{j+1} before R_j (one step of look-ahead) but
+    S_{j+2} only after R_j."""
+    order = pipeline_order(n)
+    pos = {(op.kind, op.step): i for i, op in enumerate(order)}
+    assert len(order) == 2 * n and len(pos) == 2 * n
+    assert sorted(pos) == sorted([("S", j) for j in range(n)] + [("R", j) for j in range(n)])
+    for j in range(n):
+        assert pos[("S", j)] < pos[("R", j)]
+        if j + 1 < n:
+            assert pos[("S", j + 1)] < pos[("R", j)]
+            assert pos[("R", j)] < pos[("R", j + 1)]
+        if j + 2 < n:
+            assert pos[("R", j)] < pos[("S", j + 2)]
+    assert pipeline_order(0) == ()

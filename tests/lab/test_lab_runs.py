@@ -151,6 +151,12 @@ def test_emulated_run_has_the_real_runs_plan_traffic_and_shadows(tmp_path, shado
     # and the emulated accelerator slept for them (backward 2x forward)
     assert emu["lab"]["sleep_requested_s"] > 0
     assert emu["impls"]["fastermoe"]["predicted_fwd_bwd_s"] > 0
+    # validate_perf_model.py --repredict rebuilds the run's predictions from its JSON alone
+    from megatron_moe_ext.lab.validate import repredict
+
+    now = repredict(emu)
+    assert now["fastermoe"] == pytest.approx(emu["impls"]["fastermoe"]["predicted_fwd_bwd_s"],
+                                             rel=1e-12)
 
 
 def test_bench_script_compute_emulated(tmp_path):
@@ -176,5 +182,9 @@ def test_bench_script_compute_emulated(tmp_path):
     assert r["dilation"] == 3.0 and r["mode"] == "emulated"
     for key in ("ratio_fwd_bwd", "bound_fraction", "shadows", "shadow_set_counts", "lab"):
         assert key in r
+    from megatron_moe_ext.lab.validate import repredict
+
+    now = repredict(r)
     for impl in ("megatron", "fastermoe"):
         assert r["impls"][impl]["predicted_fwd_bwd_s"] > 0
+        assert now[impl] == pytest.approx(r["impls"][impl]["predicted_fwd_bwd_s"], rel=1e-12)

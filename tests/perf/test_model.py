@@ -106,11 +106,25 @@ def test_collectives_on_ring_and_star() -> None:
 
 
 def test_two_stream_closed_form() -> None:
-    for a, c, n in [(1.0, 1.0, 4), (1.0, 1.5, 4), (2.0, 1.0, 2), (0.3, 2.0, 7), (1.0, 0.0, 3)]:
+    for a, c, n in [(1.0, 1.0, 4), (1.0, 2.0, 4), (2.0, 1.0, 2), (0.3, 2.0, 7), (1.0, 0.0, 3),
+                    (1.0, 3.5, 1)]:
         sim = pm.simulate_two_stream([a] * n, [c] * n, [a] * n)
         assert sim == pytest.approx(pm.smart_symmetric_time(a, c, n))
-    # hand-checked: a = 1, c = 1.5, n = 4: S ends 1..4, C ends 2.5, 4, 5.5, 7, last R ends 8
-    assert pm.simulate_two_stream([1] * 4, [1.5] * 4, [1] * 4) == pytest.approx(8.0)
+    # hand-checked, a = 1, c = 1.5, n = 4, in the executor's order S0 S1 R0 S2 R1 S3 R2 R3:
+    # S0 0-1, S1 1-2, C0 1-2.5, R0 2.5-3.5, S2 3.5-4.5, C1 2.5-4, R1 4.5-5.5, S3 5.5-6.5,
+    # C2 4.5-6, R2 6.5-7.5, C3 6.5-8, R3 8-9 (the artifact's S-first stream gave 8)
+    assert pm.simulate_two_stream([1] * 4, [1.5] * 4, [1] * 4) == pytest.approx(9.0)
+
+
+def test_two_stream_send_runs_one_step_ahead() -> None:
+    """Small early sends cannot bank time for large later ones: S_{j+2} waits for R_j, which
+    waits for C_j (the executor's order, core.plan.pipeline_order)."""
+    send, comp = [0.0, 0.1, 0.1, 3.0], [1.0, 1.0, 1.0, 1.0]
+    ret = send
+    # S0 0, S1 0-0.1, C0 0-1, R0 1-1.1, S2 1.1-1.2, C1 1-2, R1 2-2.1, S3 2.1-5.1,
+    # C2 2-3, R2 5.1-5.2, C3 5.1-6.1, R3 6.1-9.1
+    assert pm.simulate_two_stream(send, comp, ret) == pytest.approx(9.1)
+    # with every send first (S3 done at 3.2) it would have been 3.2 + 1 + 3 = 7.2
 
 
 def test_smart_schedule_symmetric_star() -> None:
