@@ -46,13 +46,13 @@ from .layer import LabLayer, RealExperts
 from .report import format_table, summarize, write_record
 from .setup import (
     emulator_scale,
+    iteration_counts,
     lab_counts,
     lab_topology,
     layer_transition,
     predict,
     resolve_dilation,
     route_above,
-    score_counts,
 )
 
 logger = logging.getLogger(__name__)
@@ -306,12 +306,8 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
     gc.disable()
     for it in range(cfg.warmup + cfg.iters):
         timed = it >= cfg.warmup
-        if cfg.routing == "scores":
-            rows = score_counts(topo, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
-                                it, cfg.vary_routing, cfg.gate)
-        else:
-            rows = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew, cfg.seed,
-                              it, cfg.vary_routing)
+        rows = iteration_counts(topo, world, cfg.experts, cfg.tokens, cfg.topk, cfg.skew,
+                                cfg.seed, it, cfg.vary_routing, cfg.routing, cfg.gate)
         bal = lab_counts(world, cfg.experts, cfg.tokens, cfg.topk, 0.0, cfg.seed, it)
         pred = idx_hi = None
         if state is not None:  # the layer below ran (its counts), then this layer predicts

@@ -28,7 +28,7 @@ __all__ = [
     "EMULATION_CLUSTER_ENV", "EMULATION_CLUSTER_FILE_ENV", "EMULATION_SCALE_ENV",
     "emulator_scale",
     "default_cluster", "resolve_dilation", "lab_topology", "lab_counts", "select_shadows",
-    "score_counts",
+    "score_counts", "iteration_counts",
     "predict", "layer_transition", "route_above",
 ]
 
@@ -160,6 +160,18 @@ def score_counts(topology: Topology, num_experts: int, tokens: int, topk: int, s
         idx = idx[idx >= 0]
         rows.append(np.bincount(idx.numpy(), minlength=num_experts))
     return np.stack(rows).astype(np.int64)
+
+
+def iteration_counts(topology: Topology, num_workers: int, num_experts: int, tokens: int,
+                     topk: int, skew: float, seed: int, iteration: int, vary: bool,
+                     routing: str, gate: bool) -> np.ndarray:
+    """[W, E] counts of one lab layer call: through router scores (:func:`score_counts`,
+    with the gate when ``gate``) when ``routing`` is ``scores``, else exact
+    (:func:`lab_counts`). The lab run and :func:`.validate.repredict` both route here."""
+    if routing == "scores":
+        return score_counts(topology, num_experts, tokens, topk, skew, seed, iteration, vary,
+                            gate)
+    return lab_counts(num_workers, num_experts, tokens, topk, skew, seed, iteration, vary)
 
 
 def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype: str,

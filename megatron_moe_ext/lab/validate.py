@@ -45,7 +45,7 @@ def repredict(doc: dict, where: str = "lab JSON") -> dict[str, float]:
     """Median over the timed iterations of today's :func:`.setup.predict` for each
     implementation of a lab result (cluster seconds), from its config and recorded shadows:
     the same inputs the run gave the model (:func:`.run.bench_layer`)."""
-    from .setup import lab_counts, lab_topology, predict, score_counts
+    from .setup import iteration_counts, lab_topology, predict
 
     cfg = doc["config"]
     if cfg.get("iteration") or cfg.get("prefetch", "none") != "none":
@@ -55,27 +55,22 @@ def repredict(doc: dict, where: str = "lab JSON") -> dict[str, float]:
     topo = lab_topology(cfg["cluster"], world, local)
     iters, warmup = int(cfg["iters"]), int(cfg["warmup"])
     shadows = _shadow_sets(doc, iters, where)
-    out: dict[str, float] = {}
-    for impl in doc["impls"]:
-        if impl not in REPREDICTABLE_IMPLS:
-            raise ValueError(f"{where}: implementation {impl!r} cannot be re-predicted "
-                             f"(only {', '.join(REPREDICTABLE_IMPLS)})")
-        smart = impl == "fastermoe"
-        preds = []
-        for k, it in enumerate(range(warmup, warmup + iters)):
-            if cfg["routing"] == "scores":
-                rows = score_counts(topo, cfg["experts"], cfg["tokens"], cfg["topk"],
-                                    cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
-                                    cfg["gate"])
-            else:
-                rows = lab_counts(world, cfg["experts"], cfg["tokens"], cfg["topk"],
-                                  cfg["skew"], cfg["seed"], it, cfg["vary_routing"])
-            preds.append(predict(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
-                                 "smart" if smart else "sync",
-                                 min(cfg["group_size"], world) if smart else 1,
-                                 shadows[k] if smart else []).total_s)
-        out[impl] = float(np.median(preds))
-    return out
+    bad = [impl for impl in doc["impls"] if impl not in REPREDICTABLE_IMPLS]
+    if bad:
+        raise ValueError(f"{where}: implementation(s) {bad} cannot be re-predicted "
+                         f"(only {', '.join(REPREDICTABLE_IMPLS)})")
+    preds: dict[str, list[float]] = {impl: [] for impl in doc["impls"]}
+    for k, it in enumerate(range(warmup, warmup + iters)):
+        rows = iteration_counts(topo, world, cfg["experts"], cfg["tokens"], cfg["topk"],
+                                cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
+                                cfg["routing"], cfg["gate"])
+        for impl in preds:
+            smart = impl == "fastermoe"
+            preds[impl].append(predict(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
+                                       "smart" if smart else "sync",
+                                       min(cfg["group_size"], world) if smart else 1,
+                                       shadows[k] if smart else []).total_s)
+    return {impl: float(np.median(v)) for impl, v in preds.items()}
 
 
 def _floor_of(path: Path, doc: dict, impl: str) -> Optional[float]:
