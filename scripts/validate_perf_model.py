@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-lab: compare with today's performance model (recomputed "
                         "from each file's config and recorded shadows) instead of the "
                         "prediction stored in the file")
+    p.add_argument("--simulator", choices=["lockstep", "links"], default="lockstep",
+                   help="with --repredict: how the model prices the smart schedule: lockstep "
+                        "(one all-to-all per step on one comm stream, the model the shadow "
+                        "policy uses) or links (every flow on its own links and every worker "
+                        "its own compute, perf/linksim.py) (default: %(default)s)")
     p.add_argument("--from-json", metavar="PATH",
                    help="measure nothing: reprint the table and redraw --out-png from the JSON "
                         "of an earlier run")
@@ -129,7 +134,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ValidateOptions:
         p.error("--from-lab is handled by main()")
     if args.repredict:
         p.error("--repredict needs --from-lab")
-    values = {k: v for k, v in vars(args).items() if k not in ("from_lab", "repredict")}
+    if args.simulator != "lockstep":
+        p.error("--simulator needs --from-lab and --repredict")
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("from_lab", "repredict", "simulator")}
     try:
         return ValidateOptions(**values)
     except ValueError as exc:
@@ -143,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_moe_ext.lab.validate import validate_lab
 
         try:
-            validate_lab(args.from_lab, args.out_png, args.json, repredict_model=args.repredict)
+            validate_lab(args.from_lab, args.out_png, args.json, repredict_model=args.repredict,
+                         simulator=args.simulator)
         except ValueError as exc:
             build_parser().error(str(exc))
         return 0

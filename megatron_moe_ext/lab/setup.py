@@ -175,11 +175,14 @@ def iteration_counts(topology: Topology, num_workers: int, num_experts: int, tok
 
 
 def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype: str,
-            schedule: str, group_size: int = 1, shadows: Sequence[int] = ()) -> LayerPrediction:
-    """perf.model.predict_layer of one lab layer call (contiguous expert placement)."""
+            schedule: str, group_size: int = 1, shadows: Sequence[int] = (),
+            simulator: str = "lockstep") -> LayerPrediction:
+    """perf.model.predict_layer of one lab layer call (contiguous expert placement);
+    ``simulator`` prices the smart schedule (``perf.model.SIMULATORS``)."""
     return predict_layer(np.asarray(counts, dtype=float), None, hidden, ffn / hidden,
                          DTYPE_BYTES[dtype], topology, dtype=dtype, schedule=schedule,
-                         group_size=group_size, shadow_experts=list(shadows))
+                         group_size=group_size, shadow_experts=list(shadows),
+                         simulator=simulator)
 
 
 def select_shadows(policy: str, counts: np.ndarray, topology: Topology, hidden: int, ffn: int,

@@ -8,7 +8,8 @@ perf.model.predict_layer of the same routing (what the lab JSON holds); floor = 
 configuration's compute-zero time (``<name>_floor.json`` next to it, or ``lab.floor``).
 With ``repredict`` the prediction is recomputed by today's model (:func:`repredict`) from the
 file's configuration and the shadows it recorded, so that measurements taken before a model
-change are compared with the model as it is now.
+change are compared with the model as it is now; ``simulator`` chooses how that model prices
+the smart schedule (``lockstep``, the model's own, or ``links``, :mod:`perf.linksim`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def _shadow_sets(doc: dict, iters: int, where: str) -> list[list[int]]:
                      "which set; this file cannot be re-predicted")
 
 
-def repredict(doc: dict, where: str = "lab JSON") -> dict[str, float]:
+def repredict(doc: dict, where: str = "lab JSON", simulator: str = "lockstep"
+              ) -> dict[str, float]:
     """Median over the timed iterations of today's :func:`.setup.predict` for each
     implementation of a lab result (cluster seconds), from its config and recorded shadows:
-    the same inputs the run gave the model (:func:`.run.bench_layer`)."""
+    the same inputs the run gave the model (:func:`.run.bench_layer`), the smart schedule
+    priced by ``simulator`` (``perf.model.SIMULATORS``)."""
     from .setup import iteration_counts, lab_topology, predict
 
     cfg = doc["config"]
@@ -69,7 +72,7 @@ def repredict(doc: dict, where: str = "lab JSON") -> dict[str, float]:
             preds[impl].append(predict(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
                                        "smart" if smart else "sync",
                                        min(cfg["group_size"], world) if smart else 1,
-                                       shadows[k] if smart else []).total_s)
+                                       shadows[k] if smart else [], simulator).total_s)
     return {impl: float(np.median(v)) for impl, v in preds.items()}
 
 
@@ -80,10 +83,11 @@ def _floor_of(path: Path, doc: dict, impl: str) -> Optional[float]:
     return ((doc.get("lab") or {}).get("floor") or {}).get(impl, {}).get("fwd_bwd_s")
 
 
-def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False) -> list[dict[str, Any]]:
+def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False,
+             simulator: str = "lockstep") -> list[dict[str, Any]]:
     """Validation rows of lab result files (directories are searched for ``*.json``; floor
     files and emulated-less runs are skipped). ``repredict_model``: ``predicted_s`` from
-    :func:`repredict` (the recorded one stays in ``predicted_recorded_s``)."""
+    :func:`repredict` with ``simulator`` (the recorded one stays in ``predicted_recorded_s``)."""
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
@@ -95,7 +99,7 @@ def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False) -> list
         if doc.get("mode") != "emulated" or "impls" not in doc:
             continue
         cfg = doc["config"]
-        now = repredict(doc, str(f)) if repredict_model else {}
+        now = repredict(doc, str(f), simulator) if repredict_model else {}
         for impl, v in doc["impls"].items():
             floor = _floor_of(f, doc, impl)
             rows.append({
@@ -113,11 +117,15 @@ def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False) -> list
 
 def validate_lab(paths: Sequence[str | Path], out_png: Optional[str] = None,
                  json_path: Optional[str] = None, floor_limit: float = 0.10,
-                 repredict_model: bool = False) -> dict[str, Any]:
+                 repredict_model: bool = False, simulator: str = "lockstep") -> dict[str, Any]:
     """Statistics over the lab points whose floor is known and under ``floor_limit``; prints
     the table, draws ``out_png``, writes ``json_path``; returns the summary.
-    ``repredict_model``: compare with today's model (:func:`repredict`)."""
-    rows = lab_rows(paths, repredict_model)
+    ``repredict_model``: compare with today's model (:func:`repredict`), its smart schedule
+    priced by ``simulator``; anything but ``lockstep`` needs ``repredict_model``."""
+    if simulator != "lockstep" and not repredict_model:
+        raise ValueError(f"simulator {simulator!r} prices a re-prediction: it needs "
+                         "repredict_model (--repredict)")
+    rows = lab_rows(paths, repredict_model, simulator)
     valid = [r for r in rows if r["floor_fraction"] is not None
              and r["floor_fraction"] < floor_limit]
     summary = summarize(valid) if valid else {"points": 0, "r2": float("nan")}
@@ -137,5 +145,6 @@ def validate_lab(paths: Sequence[str | Path], out_png: Optional[str] = None,
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps({"summary": summary, "rows": rows,
                                                "source": "scale lab",
-                                               "repredicted": repredict_model}, indent=1))
+                                               "repredicted": repredict_model,
+                                               "simulator": simulator}, indent=1))
     return summary

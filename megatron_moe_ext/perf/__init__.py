@@ -5,6 +5,8 @@
   public name of :mod:`.cluster`).
 - :mod:`.model`: compute / all-to-all / collective times, sync and smart schedules (steps from
   ``core.plan.step_matrix``), shadowing, :func:`predict_layer`.
+- :mod:`.linksim`: the ``links`` simulator of the smart schedule (every flow on its own links;
+  validation grade), beside the model's ``lockstep`` one.
 - :mod:`.roofline`: roofline points for the four variants and their plot.
 """
 

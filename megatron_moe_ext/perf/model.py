@@ -30,6 +30,7 @@ import numpy as np
 
 from ..core.plan import pipeline_order, step_matrix, validate_group_size
 from ..core.tree import TreeSteps, broadcast_steps, reduce_steps
+from .linksim import link_pipeline_time
 from .topology import GemmThroughput, Topology
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,12 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 """Bytes per element of the dtypes named in cluster files."""
 
 Schedule = Literal["sync", "smart"]
+Simulator = Literal["lockstep", "links"]
+SIMULATORS: tuple[str, ...] = ("lockstep", "links")
+"""How the smart schedule's pipeline is priced: ``lockstep`` (:func:`simulate_two_stream`:
+one all-to-all per step on one FIFO comm stream, C_j the slowest worker's; what the layer's
+``model`` shadow policy uses) or ``links`` (:func:`.linksim.link_pipeline_time`: every flow on
+its own links, every worker its own compute; validation grade, slower)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -240,37 +247,50 @@ class SmartTimes:
     ret_s: tuple[float, ...]
     """R_j: all-to-all time of step j's outputs going back."""
     fwd_s: float
-    """Forward makespan of the two-stream pipeline."""
+    """Forward makespan of the pipeline (priced by ``simulator``)."""
     bwd_s: float
     """Backward makespan (same pattern, 2x compute)."""
+    simulator: str = "lockstep"
+    """Which of :data:`SIMULATORS` priced ``fwd_s`` and ``bwd_s``."""
 
 
 def smart_schedule_times(T: np.ndarray, H: int, alpha: float, dtype_bytes: int,
                          topology: Topology, gemm: GemmThroughput, group_size: int,
                          order: Optional[Sequence[int]] = None,
-                         local_extra: Optional[np.ndarray] = None) -> SmartTimes:
+                         local_extra: Optional[np.ndarray] = None,
+                         simulator: Simulator = "lockstep") -> SmartTimes:
     """Simulate the grouped pairwise exchange (n = N / g steps) forward and backward.
 
     ``order`` defaults to ``topology.group_order(g)``; ``local_extra`` [N] are tokens each
     worker computes locally at step 0 (e.g. its own tokens for shadowed experts). A group size
-    that does not divide N is a ValueError naming ``moe.fastermoe.group_size``.
+    that does not divide N is a ValueError naming ``moe.fastermoe.group_size``. The per-step
+    costs are the same for both :data:`SIMULATORS`; only the makespans differ.
     """
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {SIMULATORS}, got {simulator!r}")
     g = group_size
     validate_group_size(topology.num_workers, g)  # g must divide N: no silent clamping
     order = topology.group_order(g) if order is None else list(order)
-    sends, comps, rets = [], [], []
-    for j, tj in enumerate(smart_step_traffic(T, g, order)):
+    traffic = smart_step_traffic(T, g, order)
+    sends, comps, rets, per_worker = [], [], [], []
+    for j, tj in enumerate(traffic):
         loads = worker_loads(tj)
         if j == 0 and local_extra is not None:
             loads = loads + np.asarray(local_extra, dtype=float)
         sends.append(all_to_all_time(tj, H, dtype_bytes, topology))
         rets.append(all_to_all_time(tj.T, H, dtype_bytes, topology))
-        comps.append(compute_time(loads, H, alpha, gemm))
-    return SmartTimes(
-        send_s=tuple(sends), comp_s=tuple(comps), ret_s=tuple(rets),
-        fwd_s=simulate_two_stream(sends, comps, rets),
-        bwd_s=simulate_two_stream(sends, [2 * c for c in comps], rets),
-    )
+        per_worker.append(compute_times(loads, H, alpha, gemm))
+        comps.append(float(per_worker[-1].max()) if per_worker[-1].size else 0.0)
+    if simulator == "links":
+        nbytes = np.stack([traffic_bytes(tj, H, dtype_bytes) for tj in traffic])
+        cw = np.stack(per_worker)
+        fwd = link_pipeline_time(nbytes, cw, topology)
+        bwd = link_pipeline_time(nbytes, 2 * cw, topology)
+    else:
+        fwd = simulate_two_stream(sends, comps, rets)
+        bwd = simulate_two_stream(sends, [2 * c for c in comps], rets)
+    return SmartTimes(send_s=tuple(sends), comp_s=tuple(comps), ret_s=tuple(rets),
+                      fwd_s=fwd, bwd_s=bwd, simulator=simulator)
 
 
 # --------------------------------------------------------------------------------------
@@ -398,11 +418,13 @@ def predict_layer(counts: np.ndarray, placement: Optional[np.ndarray], H: int, a
                   schedule: Schedule = "sync", group_size: int = 1,
                   shadow_experts: Sequence[int] = (),
                   shadow_comm: Literal["topology", "simple"] = "topology",
-                  gemm: Optional[GemmThroughput] = None) -> LayerPrediction:
+                  gemm: Optional[GemmThroughput] = None,
+                  simulator: Simulator = "lockstep") -> LayerPrediction:
     """Predict fwd/bwd latency of one MoE layer on ``topology``.
 
     counts [N, E]; placement [E] (None: contiguous); dtype_bytes None: from ``dtype``;
-    ``gemm`` overrides the cluster's P (a constant or an efficiency curve).
+    ``gemm`` overrides the cluster's P (a constant or an efficiency curve); ``simulator``
+    prices the smart schedule (:data:`SIMULATORS`; sync ignores it).
     sync: fwd = bcast + A_d + C + A_c, bwd = A_d + 2C + A_c + reduce.
     smart: the two-stream pipeline of :func:`smart_schedule_times` with shadows' local compute
     folded into step 0; broadcast/reduce stay serial before/after.
@@ -434,7 +456,8 @@ def predict_layer(counts: np.ndarray, placement: Optional[np.ndarray], H: int, a
         bwd = dispatch + 2 * comp + combine + red
     elif schedule == "smart":
         g = group_size
-        steps = smart_schedule_times(t_routed, H, alpha, b, topology, p, g, local_extra=local)
+        steps = smart_schedule_times(t_routed, H, alpha, b, topology, p, g, local_extra=local,
+                                     simulator=simulator)
         fwd, bwd = bcast + steps.fwd_s, steps.bwd_s + red
     else:
         raise ValueError(f"schedule must be 'sync' or 'smart', got {schedule!r}")

@@ -88,3 +88,20 @@ def test_validate_from_lab_keeps_only_points_with_a_low_floor(tmp_path, capsys):
     assert s["points"] == 4 and s["left_out_floor"] == 4  # fastermoe floors are 30 %
     assert s["by_workers"]["16"]["r2"] == pytest.approx(1.0)
     assert "R^2 by W" in capsys.readouterr().out
+
+
+def test_repredict_with_the_links_simulator():
+    """--repredict --simulator links: the same routing and shadows, the smart schedule priced
+    per link (perf/linksim.py); sync has no pipeline, so its prediction does not change."""
+    from megatron_moe_ext.lab.validate import repredict, validate_lab
+    from tests.helpers import REPO
+
+    path = REPO / "docs/data/lab/johnny_s1024b/moe_gpt_s_scores_nogate.json"
+    doc = json.loads(path.read_text())
+    lock, links = repredict(doc), repredict(doc, simulator="links")
+    assert links["megatron"] == lock["megatron"]
+    assert links["fastermoe"] != pytest.approx(lock["fastermoe"], rel=1e-3)
+    with pytest.raises(ValueError, match="needs repredict_model"):
+        validate_lab([path], simulator="links")
+    with pytest.raises(ValueError, match="simulator must be one of"):
+        repredict(doc, simulator="fifo")
