@@ -17,16 +17,19 @@ simulator) prices each flow on each link instead:
 
 - every worker walks :func:`megatron_moe_ext.core.plan.pipeline_order`: S_0 and S_1 are posted
   at the start, R_j and S_{j+2} when the worker's C_j ends (what the executor does);
-- a flow starts once both of its ends posted it, and occupies every link of
-  ``topology.path(src, dst)`` for bytes / W_l, in the earliest free gap of that link's
-  timeline at or after its start (a link's two directions are separate links); it ends when
-  its last link is done;
+- a flow is ready once both of its ends posted it; it starts at the earliest time t at or
+  after that at which every link l of ``topology.path(src, dst)`` has a free gap of
+  bytes / W_l, occupies each l for [t, t + bytes / W_l) (a link's two directions are separate
+  links) and ends at t + bytes / (its narrowest W_l);
 - C_j^k starts when C_{j-1}^k ended and every step-j flow of worker k (in and out: the
   executor waits for the step's whole operation) ended.
 
 The makespan is the last compute or flow end. Left out: flows on a link take turns (no rate
-sharing), a flow's links are scheduled independently of each other, link latency, and the
-half-duplex worker pairs of a ``duplex: half`` transport (a ValueError). Cost grows with
+sharing, so a bottleneck link is packed without gaps: optimistic where one NIC limits), a
+flow holds its faster links only for its bytes at their rate, link latency, and the
+half-duplex worker pairs of a ``duplex: half`` transport (a ValueError). (Letting each link
+of a path take the flow at a different time, store and forward, was tried first: it packed
+the NIC even better than the lab does, docs/NOTES.md 2026-12-05.) Cost grows with
 flows x busy intervals per link: fine for validating lab runs (W <= 64), too slow for the
 ``model`` shadow policy's greedy, which keeps the lockstep simulator.
 """
@@ -131,4 +134,3 @@ def link_pipeline_time(step_bytes: np.ndarray, comp: np.ndarray, topology: Topol
         for ready, src, dst, b in todo:
             last = max(last, flow(src, dst, b, ready))
     return float(max(last, c_end.max() if c_end.size else 0.0))
-
