@@ -44,6 +44,7 @@ from megatron_moe_ext.bench.validate import (
     ValidateOptions,
     run,
 )
+from megatron_moe_ext.perf.model import SIMULATORS
 
 
 def _size(text: str) -> tuple[int, int, int]:
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-lab: compare with today's performance model (recomputed "
                         "from each file's config and recorded shadows) instead of the "
                         "prediction stored in the file")
-    p.add_argument("--simulator", choices=["lockstep", "links"], default="lockstep",
+    p.add_argument("--simulator", choices=SIMULATORS, default="lockstep",
                    help="with --repredict: how the model prices the smart schedule: lockstep "
                         "(one all-to-all per step on one comm stream, the model the shadow "
                         "policy uses) or links (every flow on its own links and every worker "
