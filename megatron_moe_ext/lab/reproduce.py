@@ -82,7 +82,7 @@ def build_plan(layers: list[str], tokens: int, out_dir: Path, iters: int = 3, wa
 def estimate_seconds(entries: list[dict], scale: float) -> float:
     """Rough lab duration of a plan at ``scale``: the model's times x D x calls (shadows and
     the floor not counted)."""
-    from .setup import lab_counts, lab_topology, predict
+    from .setup import lab_counts, lab_topology, predict_impl
 
     total = 0.0
     for e in entries:
@@ -91,11 +91,11 @@ def estimate_seconds(entries: list[dict], scale: float) -> float:
         counts = lab_counts(topo.num_workers, cfg.experts, cfg.tokens, cfg.topk, cfg.skew,
                             cfg.seed)
         calls = cfg.iters + cfg.warmup
-        impls = [("smart", cfg.group_size)] + ([("sync", 1)] * (2 if cfg.skew else 1)
-                                                if cfg.impl == "both" else [])
-        for sched, g in impls:
-            total += calls * predict(counts, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
-                                     g).total_s / scale
+        impls = ["fastermoe"] + (["megatron"] * (2 if cfg.skew else 1)
+                                 if cfg.impl == "both" else [])
+        for impl in impls:
+            total += calls * predict_impl(counts, topo, cfg.hidden, cfg.ffn, cfg.dtype, impl,
+                                          cfg.group_size).total_s / scale
     return total
 
 

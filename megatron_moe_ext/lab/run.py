@@ -50,7 +50,7 @@ from .setup import (
     lab_counts,
     lab_topology,
     layer_transition,
-    predict,
+    predict_impl,
     resolve_dilation,
     route_above,
 )
@@ -362,11 +362,10 @@ def bench_layer(cfg: LabConfig, group: dist.ProcessGroup) -> Optional[dict]:
                 })
             if rank == 0:
                 label = "megatron" if name.startswith("megatron") else "fastermoe"
-                sched = "sync" if label == "megatron" else "smart"
                 sh = layer.last_shadows if label == "fastermoe" else []
-                preds.setdefault(name, []).append(predict(
-                    r, topo, cfg.hidden, cfg.ffn, cfg.dtype, sched,
-                    min(cfg.group_size, world) if sched == "smart" else 1, sh).total_s)
+                preds.setdefault(name, []).append(predict_impl(
+                    r, topo, cfg.hidden, cfg.ffn, cfg.dtype, label, cfg.group_size,
+                    sh).total_s)
         if state is not None:
             state.observe(1, rows, None if idx_hi is None else torch.as_tensor(idx_hi), group)
         if timed:

@@ -185,6 +185,21 @@ def predict(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype
                          simulator=simulator)
 
 
+def predict_impl(counts: np.ndarray, topology: Topology, hidden: int, ffn: int, dtype: str,
+                 impl: str, group_size: int, shadows: Sequence[int] = (),
+                 simulator: str = "lockstep") -> LayerPrediction:
+    """:func:`predict` of one implementation's layer call, the one rule from an
+    implementation to the model's inputs: ``megatron`` is the synchronous schedule (no group,
+    no shadows), ``fastermoe`` the smart schedule with its group size (at most the number of
+    workers) and its shadows. The lab run and :func:`.validate.repredict` both price here."""
+    if impl not in ("megatron", "fastermoe"):
+        raise ValueError(f"impl must be megatron or fastermoe, got {impl!r}")
+    if impl == "megatron":
+        return predict(counts, topology, hidden, ffn, dtype, "sync", 1, (), simulator)
+    g = min(group_size, np.asarray(counts).shape[0])
+    return predict(counts, topology, hidden, ffn, dtype, "smart", g, shadows, simulator)
+
+
 def select_shadows(policy: str, counts: np.ndarray, topology: Topology, hidden: int, ffn: int,
                    dtype: str, group_size: int, max_experts: int = 1,
                    cost: Optional[Callable[[list[int]], float]] = None) -> list[int]:

@@ -44,11 +44,11 @@ def _shadow_sets(doc: dict, iters: int, where: str) -> list[list[int]]:
 
 def repredict(doc: dict, where: str = "lab JSON", simulator: str = "lockstep"
               ) -> dict[str, float]:
-    """Median over the timed iterations of today's :func:`.setup.predict` for each
+    """Median over the timed iterations of today's :func:`.setup.predict_impl` for each
     implementation of a lab result (cluster seconds), from its config and recorded shadows:
     the same inputs the run gave the model (:func:`.run.bench_layer`), the smart schedule
     priced by ``simulator`` (``perf.model.SIMULATORS``)."""
-    from .setup import iteration_counts, lab_topology, predict
+    from .setup import iteration_counts, lab_topology, predict_impl
 
     cfg = doc["config"]
     if cfg.get("iteration") or cfg.get("prefetch", "none") != "none":
@@ -68,11 +68,9 @@ def repredict(doc: dict, where: str = "lab JSON", simulator: str = "lockstep"
                                 cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
                                 cfg["routing"], cfg["gate"])
         for impl in preds:
-            smart = impl == "fastermoe"
-            preds[impl].append(predict(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
-                                       "smart" if smart else "sync",
-                                       min(cfg["group_size"], world) if smart else 1,
-                                       shadows[k] if smart else [], simulator).total_s)
+            sh = shadows[k] if impl == "fastermoe" else []
+            preds[impl].append(predict_impl(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
+                                            impl, cfg["group_size"], sh, simulator).total_s)
     return {impl: float(np.median(v)) for impl, v in preds.items()}
 
 

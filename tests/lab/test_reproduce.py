@@ -105,3 +105,21 @@ def test_repredict_with_the_links_simulator():
         validate_lab([path], simulator="links")
     with pytest.raises(ValueError, match="simulator must be one of"):
         repredict(doc, simulator="fifo")
+
+
+def test_predict_impl_is_the_one_rule_from_an_implementation_to_the_model():
+    """megatron = sync (no group, no shadows); fastermoe = smart with its group size clamped
+    to the workers and its shadows; anything else is an error."""
+    from megatron_moe_ext.lab.setup import lab_counts, lab_topology, predict, predict_impl
+
+    topo = lab_topology("johnny", 16)
+    c = lab_counts(16, 32, 256, 2, 1.5, 0, 0)
+    args = (c, topo, 1024, 4096, "fp32")
+    assert predict_impl(*args, "megatron", 4, [3]).total_s == predict(*args, "sync").total_s
+    assert predict_impl(*args, "fastermoe", 4, [3]).total_s == \
+        predict(*args, "smart", 4, [3]).total_s
+    assert predict_impl(*args, "fastermoe", 64).total_s == predict(*args, "smart", 16).total_s
+    assert predict_impl(*args, "fastermoe", 4, [3]).total_s != \
+        predict_impl(*args, "fastermoe", 4).total_s
+    with pytest.raises(ValueError, match="megatron or fastermoe"):
+        predict_impl(*args, "both", 4)
