@@ -23,7 +23,7 @@ import numpy as np
 from ..bench.stats import r_squared
 from ..bench.validate_report import format_table, plot, summarize
 
-__all__ = ["lab_rows", "validate_lab", "repredict"]
+__all__ = ["lab_rows", "validate_lab", "repredict", "routing_imbalance"]
 
 REPREDICTABLE_IMPLS = ("megatron", "fastermoe")
 """Implementations whose per-iteration prediction is a function of the config alone (the
@@ -42,31 +42,54 @@ def _shadow_sets(doc: dict, iters: int, where: str) -> list[list[int]]:
                      "which set; this file cannot be re-predicted")
 
 
+def _timed_counts(doc: dict) -> tuple[Any, list[np.ndarray]]:
+    """The lab topology and the [W, E] routing counts of each timed iteration of a lab result,
+    rebuilt from its config exactly as the run built them (:func:`.setup.iteration_counts`)."""
+    from .setup import iteration_counts, lab_topology
+
+    cfg = doc["config"]
+    world = int(doc["cluster"]["workers"])
+    local = cfg.get("local_world_size") if (doc.get("lab") or {}).get("emulator_scale") else None
+    topo = lab_topology(cfg["cluster"], world, local)
+    iters, warmup = int(cfg["iters"]), int(cfg["warmup"])
+    return topo, [iteration_counts(topo, world, cfg["experts"], cfg["tokens"], cfg["topk"],
+                                   cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
+                                   cfg["routing"], cfg["gate"])
+                  for it in range(warmup, warmup + iters)]
+
+
+def routing_imbalance(doc: dict) -> float:
+    """Median over the timed iterations of max_w B_w / mean_w B_w, B_w the tokens routed to
+    worker w's experts (contiguous placement, before shadows): the lab's counterpart of the
+    layer benchmark's ``routing.imbalance_max_over_mean``."""
+    _, counts = _timed_counts(doc)
+    out = []
+    for c in counts:
+        w = c.shape[0]
+        loads = np.asarray(c, dtype=float).sum(axis=0).reshape(w, -1).sum(axis=1)
+        out.append(float(loads.max() / loads.mean()) if loads.mean() > 0 else 1.0)
+    return float(np.median(out))
+
+
 def repredict(doc: dict, where: str = "lab JSON", simulator: str = "lockstep"
               ) -> dict[str, float]:
     """Median over the timed iterations of today's :func:`.setup.predict_impl` for each
     implementation of a lab result (cluster seconds), from its config and recorded shadows:
     the same inputs the run gave the model (:func:`.run.bench_layer`), the smart schedule
     priced by ``simulator`` (``perf.model.SIMULATORS``)."""
-    from .setup import iteration_counts, lab_topology, predict_impl
+    from .setup import predict_impl
 
     cfg = doc["config"]
     if cfg.get("iteration") or cfg.get("prefetch", "none") != "none":
         raise ValueError(f"{where}: iteration-mode and prefetch runs cannot be re-predicted")
-    world = int(doc["cluster"]["workers"])
-    local = cfg.get("local_world_size") if (doc.get("lab") or {}).get("emulator_scale") else None
-    topo = lab_topology(cfg["cluster"], world, local)
-    iters, warmup = int(cfg["iters"]), int(cfg["warmup"])
-    shadows = _shadow_sets(doc, iters, where)
+    shadows = _shadow_sets(doc, int(cfg["iters"]), where)
     bad = [impl for impl in doc["impls"] if impl not in REPREDICTABLE_IMPLS]
     if bad:
         raise ValueError(f"{where}: implementation(s) {bad} cannot be re-predicted "
                          f"(only {', '.join(REPREDICTABLE_IMPLS)})")
+    topo, counts = _timed_counts(doc)
     preds: dict[str, list[float]] = {impl: [] for impl in doc["impls"]}
-    for k, it in enumerate(range(warmup, warmup + iters)):
-        rows = iteration_counts(topo, world, cfg["experts"], cfg["tokens"], cfg["topk"],
-                                cfg["skew"], cfg["seed"], it, cfg["vary_routing"],
-                                cfg["routing"], cfg["gate"])
+    for k, rows in enumerate(counts):
         for impl in preds:
             sh = shadows[k] if impl == "fastermoe" else []
             preds[impl].append(predict_impl(rows, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
@@ -98,12 +121,13 @@ def lab_rows(paths: Sequence[str | Path], repredict_model: bool = False,
             continue
         cfg = doc["config"]
         now = repredict(doc, str(f), simulator) if repredict_model else {}
+        imbalance = routing_imbalance(doc)
         for impl, v in doc["impls"].items():
             floor = _floor_of(f, doc, impl)
             rows.append({
                 "config_id": str(f), "impl": impl, "workers": doc["cluster"]["workers"],
                 "cluster": doc["cluster"]["name"], "hidden": cfg["hidden"], "ffn": cfg["ffn"],
-                "tokens": cfg["tokens"], "skew": cfg["skew"], "imbalance": 1.0,
+                "tokens": cfg["tokens"], "skew": cfg["skew"], "imbalance": imbalance,
                 "group_size": cfg["group_size"], "shadows": doc.get("shadows"),
                 "measured_s": v["cluster_fwd_bwd_s"],
                 "predicted_s": now.get(impl, v["predicted_fwd_bwd_s"]),

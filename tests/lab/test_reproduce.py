@@ -74,7 +74,10 @@ def test_validate_from_lab_keeps_only_points_with_a_low_floor(tmp_path, capsys):
     def doc(path, times, preds, workers):
         path.write_text(json.dumps({
             "mode": "emulated", "cluster": {"name": "c", "workers": workers},
-            "config": {"hidden": 8, "ffn": 16, "tokens": 4, "skew": 0.0, "group_size": 1},
+            "config": {"hidden": 8, "ffn": 16, "tokens": 4, "skew": 0.0, "group_size": 1,
+                       "cluster": "johnny" if workers == 16 else "trevor", "experts": workers,
+                       "topk": 1, "seed": 0, "iters": 1, "warmup": 0, "vary_routing": False,
+                       "routing": "exact", "gate": False},
             "shadows": [[]], "machine": {"loadavg_1min_start": 0.5},
             "impls": {k: {"fwd_bwd_s": t, "cluster_fwd_bwd_s": t / 10, "predicted_fwd_bwd_s": p}
                       for (k, t), p in zip(times.items(), preds)}}))
@@ -123,3 +126,26 @@ def test_predict_impl_is_the_one_rule_from_an_implementation_to_the_model():
         predict_impl(*args, "fastermoe", 4).total_s
     with pytest.raises(ValueError, match="megatron or fastermoe"):
         predict_impl(*args, "both", 4)
+
+
+def test_lab_rows_carry_the_routing_imbalance_the_model_sees():
+    """The validation table's imbalance column of a lab point is the routing's max / mean
+    worker load, the same number as the model's sync prediction's ``imbalance``; balanced
+    routing is 1, Zipf-skewed routing well above."""
+    import numpy as np
+
+    from megatron_moe_ext.lab.setup import predict_impl
+    from megatron_moe_ext.lab.validate import _timed_counts, lab_rows, routing_imbalance
+    from tests.helpers import REPO
+
+    skewed = REPO / "docs/data/lab/johnny_s1024b/moe_gpt_s_scores_nogate.json"
+    doc = json.loads(skewed.read_text())
+    cfg = doc["config"]
+    topo, counts = _timed_counts(doc)
+    model = np.median([predict_impl(c, topo, cfg["hidden"], cfg["ffn"], cfg["dtype"],
+                                    "megatron", 1).imbalance for c in counts])
+    assert routing_imbalance(doc) == pytest.approx(model, rel=1e-9)
+    assert routing_imbalance(doc) > 2.0
+    assert {r["imbalance"] for r in lab_rows([skewed])} == {routing_imbalance(doc)}
+    balanced = REPO / "docs/data/lab/johnny_bal512q/moe_gpt_bal_g1.json"
+    assert routing_imbalance(json.loads(balanced.read_text())) == pytest.approx(1.0)
