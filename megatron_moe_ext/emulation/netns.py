@@ -15,6 +15,8 @@ Rates, with ``scale`` = local GEMM throughput / cluster GEMM throughput:
   node -> switch) and on ``p<k>`` in P-sw (egress of the switch port = ingress of the node), so
   both directions of the full-duplex NIC are limited. ``delay_ms`` adds a netem delay under the
   tbf of ``eth0`` (one way, per node; node -> node round trip = 2 x delay_ms).
+- Lossless: each namespace caps TCP receive buffers (``net.ipv4.tcp_rmem``) so that the
+  windows of all flows through a queue fit in it (:func:`.links.tcp_rcvbuf_bytes`).
 - Intra-node: workers of one node talk over the namespace's ``lo`` (gloo connects to the node's
   own eth0 address, which Linux routes through ``lo``). When the cluster's slowest worker-to-worker
   path inside a node is not memory (e.g. PCIe), ``lo`` gets a tbf at that path's bottleneck
@@ -59,9 +61,11 @@ from .links import (  # noqa: F401 -- used here and re-exported
     intra_node_aggregate_gbps,
     intra_node_link,
     measure_local_gemm_tflops,
+    namespace_sysctls,
     node_nic_gbps,
     plan_links,
     tbf_args,
+    tcp_rcvbuf_bytes,
 )
 from .namespaces import (  # noqa: F401 -- used here and re-exported
     NS_RE,
@@ -208,6 +212,10 @@ class EmulatedCluster:
             lines.append("  intra-node traffic: not limited (memory / loopback speed)")
         if self.nodes == 1:
             lines.append("  one node: no inter-node traffic")
+        rcvbuf = tcp_rcvbuf_bytes(self.links)
+        if rcvbuf is not None:
+            lines.append(f"  TCP receive buffer {rcvbuf} bytes per connection: every queue "
+                         "holds all windows of its flows (lossless, like IB credits)")
         return "\n".join(lines)
 
     # ---- commands --------------------------------------------------------------------
@@ -231,7 +239,7 @@ class EmulatedCluster:
         self._sh(["ip", "netns", "add", ns])
         self._created.append(ns)
         self._sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        for key, value in NAMESPACE_SYSCTLS.items():
+        for key, value in namespace_sysctls(self.links).items():
             self._sh(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"])
 
     def _add_bridge_namespace(self, ns: str) -> None:

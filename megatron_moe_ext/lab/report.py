@@ -109,6 +109,15 @@ FLOOR_LINKS = {True: "limited (emulator): compute-free time on the emulated link
 """What a compute-zero pass measures, under the emulator (True) or not."""
 
 
+def _namespace_tcp_rmem() -> str | None:
+    """This namespace's ``net.ipv4.tcp_rmem`` (min default max): the emulator caps it so that
+    its queues are lossless (emulation.links.tcp_rcvbuf_bytes); None where unreadable."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split("\n")[0].replace("\t", " ")
+    except OSError:
+        return None
+
+
 def common_record(cfg, topo, world, local_world, dil, dil_source, sleep_req, sleep_act,
                   loads) -> dict:
     """The keys every lab record has: dilation, lab, cluster, config, machine."""
@@ -118,6 +127,7 @@ def common_record(cfg, topo, world, local_world, dil, dil_source, sleep_req, sle
         "dilation": dil, "dilation_source": dil_source,
         "emulator_scale": emulator_scale(),
         "emulator_queue_ms": TBF_LATENCY_MS if emulator_scale() is not None else None,
+        "emulator_tcp_rmem": _namespace_tcp_rmem() if emulator_scale() is not None else None,
         "sleep_requested_s": sleep_req, "sleep_actual_s": sleep_act,
         "oversleep_fraction": (sleep_act - sleep_req) / sleep_req if sleep_req > 0 else None,
         "note": "the lab's own cost per layer call is the floor (compute zero, links "

@@ -32,8 +32,10 @@ from megatron_moe_ext.emulation.links import (
     TBF_MIN_QUEUE_BYTES,
     TCP_INITIAL_WINDOW_BYTES,
     burst_bytes,
+    namespace_sysctls,
     queue_limit_bytes,
     tbf_args,
+    tcp_rcvbuf_bytes,
 )
 from megatron_moe_ext.perf.topology import cluster_spec_from_dict, load_cluster
 from tests.helpers import REPO
@@ -143,6 +145,24 @@ def test_tbf_queue_is_deep_and_floored():
     assert args[args.index("limit") + 1] == str(queue_limit_bytes(fast, "eth0"))
 
 
+def test_receive_buffer_cap_makes_every_queue_lossless():
+    for links in (plan_links(load_cluster("johnny"), 0.002, 2, 8, intra_bus="aggregate"),
+                  plan_links(load_cluster("trevor"), 1 / 3000, 16, 4, intra_bus="aggregate")):
+        cap = tcp_rcvbuf_bytes(links)
+        assert cap is not None and cap >= TCP_INITIAL_WINDOW_BYTES
+        queues = [(ln, queue_limit_bytes(ln.rate_bytes, dev, ln.connections)
+                   - burst_bytes(ln.rate_bytes, dev)) for ln in links for _, dev in ln.devices]
+        # every flow's window fits in every queue it crosses, and the cap is the largest such
+        assert all(ln.connections * cap <= q for ln, q in queues)
+        assert any(ln.connections * (cap + 1) > q for ln, q in queues)
+        assert namespace_sysctls(links)["net.ipv4.tcp_rmem"].split()[1:] == [str(cap)] * 2
+    nic, intra = plan_links(load_cluster("johnny"), 0.002, 2, 8)[::2]
+    assert (nic.connections, intra.connections) == (64, 56)  # 8 x 8 x 1 crossing, 8 x 7 on lo
+    # no flow crosses a limited link (one node, memory intra-node): nothing to cap
+    assert tcp_rcvbuf_bytes(plan_links(load_cluster("local-cpu"), 1.0, 1, 2)) is None
+    assert namespace_sysctls([]) == NAMESPACE_SYSCTLS
+
+
 def test_dry_run_creates_nothing():
     before = _ours(_netns()) if _REASON is None else set()
     proc = _cli(["--cluster", "johnny", "--scale", "0.005", "--nodes", "2",
@@ -185,9 +205,12 @@ def test_namespaces_and_links_appear_and_disappear():
         # lossless-fabric stand-ins: a deep queue, and no slow start after an idle gap
         assert f"lat {TBF_LATENCY_MS}ms" in cl.exec_in(1, ["tc", "qdisc", "show", "dev",
                                                           "eth0"]).stdout
+        sysctls = namespace_sysctls(cl.links)
+        assert set(NAMESPACE_SYSCTLS) < set(sysctls)  # + the receive buffer cap
         for node in ("sw", 0, 2):
-            for key, value in NAMESPACE_SYSCTLS.items():
-                assert cl.exec_in(node, ["sysctl", "-n", key]).stdout.strip() == value
+            for key, value in sysctls.items():
+                got = cl.exec_in(node, ["sysctl", "-n", key]).stdout.split()
+                assert got == value.split(), (node, key)
         bridge = cl.exec_in("sw", ["ip", "link", "show", "master", "br0"]).stdout
         assert all(f"p{k}@" in bridge for k in range(3))
         assert "10.77.0.1" not in subprocess.run(["ip", "-4", "addr"], capture_output=True,
