@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from megatron_moe_ext.emulation.netns import (
@@ -27,20 +26,9 @@ from megatron_moe_ext.emulation.netns import (
     cleanup,
     measure_local_gemm_tflops,
 )
+from megatron_moe_ext.emulation.namespaces import Interrupted, signals_raise
 from megatron_moe_ext.emulation.workers import WorkerEmulatedCluster
 from megatron_moe_ext.perf.topology import ClusterSpecError, load_cluster
-
-
-class Interrupted(BaseException):
-    """Raised by the signal handlers so that try/finally and context managers tear down."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -104,8 +92,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, cmd = parse(sys.argv[1:] if argv is None else argv)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    with signals_raise():
+        return _main(args, cmd)
+
+
+def _main(args: argparse.Namespace, cmd: list[str]) -> int:
     try:
         if args.cleanup:
             check_prerequisites()

@@ -121,6 +121,39 @@ def cleanup(all_: bool = False) -> list[str]:
     return removed
 
 
+class Interrupted(BaseException):
+    """Raised in the main thread by :func:`signals_raise` on SIGINT / SIGTERM / SIGHUP, so that
+    ``finally`` blocks and :class:`.netns.EmulatedCluster`'s ``__exit__`` tear down."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """For front ends that hold emulated clusters: SIGINT, SIGTERM and SIGHUP raise
+    :class:`Interrupted` (main thread only; the previous handlers come back afterwards).
+    Python's default SIGTERM ends the process at once, which left a killed run's namespaces
+    and torchruns behind (``scripts/emulate_cluster.py --cleanup`` removed them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.getsignal(s) for s in sigs}
+    for s in sigs:
+        signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Ignore SIGINT/SIGTERM/SIGHUP during teardown (main thread only), so it completes."""

@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from ..emulation.namespaces import Interrupted, signals_raise
     from ..perf.topology import load_cluster
 
     p = argparse.ArgumentParser(prog="python -m megatron_moe_ext.lab.reproduce",
@@ -311,11 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("plan: %d configurations, about %.0f s of emulated layer time at scale %g",
                 len(entries), estimate_seconds(entries, args.scale), args.scale)
     rc = 0
-    for step in ("floor", "emulated"):
-        if step in steps:
-            rc = max(rc, run_plan(entries, args.cluster, spec.nodes, spec.workers_per_node,
-                                  args.scale, step == "floor", out / f"plan_{step}.json",
-                                  args.timeout))
+    try:
+        with signals_raise():  # a killed run tears its emulated cluster down
+            for step in ("floor", "emulated"):
+                if step in steps:
+                    rc = max(rc, run_plan(entries, args.cluster, spec.nodes,
+                                          spec.workers_per_node, args.scale, step == "floor",
+                                          out / f"plan_{step}.json", args.timeout))
+    except Interrupted as exc:
+        logger.error("interrupted by signal %d; emulated cluster torn down", exc.signum)
+        return 128 + exc.signum
     if "doc" in steps:
         rows = collect(entries)
         png = plot(rows, Path(args.doc).parent / "img" / f"lab_{spec.name}.png") if rows else None

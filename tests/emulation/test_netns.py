@@ -37,6 +37,7 @@ from megatron_moe_ext.emulation.links import (
     tbf_args,
     tcp_rcvbuf_bytes,
 )
+from megatron_moe_ext.emulation.namespaces import Interrupted, signals_raise
 from megatron_moe_ext.perf.topology import cluster_spec_from_dict, load_cluster
 from tests.helpers import REPO
 
@@ -261,8 +262,21 @@ def test_failing_run_propagates_exit_code_and_cleans_up(tmp_path):
     assert _ours(_netns()) == before
 
 
+def test_signals_raise_turns_sigterm_into_an_exception():
+    """Python's default SIGTERM ends a process without running ``finally``: a killed lab run
+    left its namespaces behind. Front ends hold clusters inside :func:`signals_raise`."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info:
+        with signals_raise():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @needs_netns
-def test_sigint_tears_down(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_tears_down(tmp_path, sig):
     before = _ours(_netns())
     script = tmp_path / "sleep.py"
     script.write_text("import time\ntime.sleep(120)\n")
@@ -279,13 +293,13 @@ def test_sigint_tears_down(tmp_path):
             time.sleep(0.1)
         assert ns in _netns()
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     assert _ours(_netns()) == before
 
 
