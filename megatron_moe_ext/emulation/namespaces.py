@@ -17,7 +17,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..runtime.launch import pid_alive
 
@@ -134,38 +134,35 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that end a run: a user's Ctrl-C, a kill / slurm's time limit, a closed terminal."""
+
+
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
+def _stop_signals_handled(handler: Any) -> Iterator[None]:
+    """:data:`_STOP_SIGNALS` go to ``handler`` (main thread only: elsewhere nothing changes),
+    and the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    for s in _STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def signals_raise() -> contextlib.AbstractContextManager[None]:
     """For front ends that hold emulated clusters: SIGINT, SIGTERM and SIGHUP raise
-    :class:`Interrupted` (main thread only; the previous handlers come back afterwards).
-    Python's default SIGTERM ends the process at once, which left a killed run's namespaces
-    and torchruns behind (``scripts/emulate_cluster.py --cleanup`` removed them)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.getsignal(s) for s in sigs}
-    for s in sigs:
-        signal.signal(s, _raise_interrupted)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    :class:`Interrupted` (main thread only). Python's default SIGTERM ends the process at
+    once, which left a killed run's namespaces and torchruns behind
+    (``scripts/emulate_cluster.py --cleanup`` removed them)."""
+    return _stop_signals_handled(_raise_interrupted)
 
 
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def _signals_deferred() -> contextlib.AbstractContextManager[None]:
     """Ignore SIGINT/SIGTERM/SIGHUP during teardown (main thread only), so it completes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.getsignal(s) for s in sigs}
-    for s in sigs:
-        signal.signal(s, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    return _stop_signals_handled(signal.SIG_IGN)
