@@ -303,9 +303,10 @@ def tcp_rcvbuf_bytes(links: list[EmulatedLink]) -> int | None:
     emulated counterpart of InfiniBand's and NVLink's credit-based flow control: senders wait,
     nothing is dropped. Without it the 240 flows behind each trevor NIC (BBR, the host's
     default congestion control, which does not back off on loss) dropped 1.0-1.3 % of the
-    packets at D = 3,000 and each loss cost a retransmission timeout. The cap never binds one
-    flow's own rate: b / RTT at the namespaces' sub-millisecond RTT is far above every
-    emulated link.
+    packets at D = 3,000 and each loss cost a retransmission timeout. On an idle box the cap
+    did not bind one flow's own rate (19.5 KB: 96.7 of 100 Mbit/s, 587 of 616 Mbit/s, as with
+    the host's buffers; docs/emulation.md); on a loaded box a flow's RTT grows and b / RTT
+    could, which the lab's floor run would show.
     """
     caps = []
     for ln in links:
